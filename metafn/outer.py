@@ -1,0 +1,257 @@
+"""Outer loops of gradient-based meta-learning over a batch of tasks.
+
+Every function takes a batch of episodes with a leading task axis ``T`` and treats the tasks
+in parallel. A per-task loss ``loss_fn(params, x, y) -> scalar`` is lifted to a *task-batched*
+loss ``(params_T, X_T, Y_T) -> (T,)`` with ``mx.vmap``; a model that has a faster batched form
+(conv4 folds tasks into grouped-convolution channels, because MLX cannot vmap grad through
+conv2d) passes it wrapped in :func:`task_batched` instead. Tasks are independent, so the
+gradient of ``sum_t L_t(theta_t)`` with respect to the stacked ``theta_T`` holds each task's own
+gradient, and one ``mx.grad`` adapts all tasks at once.
+
+Meta-objective (MAML, Finn et al. 2017), for inner rate alpha and S inner steps:
+
+    theta'_t = U^S(theta; support_t),  U(theta) = theta - alpha * grad L_support(theta)
+    L_meta(theta) = (1/T) sum_t L_query_t(theta'_t)
+
+``maml_outer`` returns ``(L_meta, grad L_meta)`` with the full second-order term (nested
+``mx.grad``); FOMAML drops it (inner gradients held constant), so its meta-gradient is the query
+gradient at theta'_t. Reptile (Nichol et al. 2018) moves theta toward the adapted parameters:
+``theta + beta (mean_t theta'_t - theta)``; ``reptile_grad`` returns ``theta - mean_t theta'_t``
+so any outer optimizer can take it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import mlx.core as mx
+
+from metafn.inner import LearningRate, check_lr
+from metafn.losses import LossFn
+from metafn.tasks.episode import Episode, check_episode_batch
+from metafn.tree import PyTree, tree_broadcast, tree_map, tree_mean_axis0, tree_sub
+
+__all__ = [
+    "BatchedLoss", "task_batched", "vmap_tasks", "batched_adapt", "maml_outer", "fomaml_outer",
+    "reptile_outer", "reptile_grad", "MetaSGDParams", "metasgd_init", "metasgd_outer",
+    "protonet_logits", "protonet_outer",
+]
+
+
+class BatchedLoss(NamedTuple):
+    """A loss already batched over tasks: ``fn(params_T, X_T, Y_T) -> (T,)``."""
+
+    fn: Callable[[PyTree, mx.array, mx.array], mx.array]
+
+
+def task_batched(fn: Callable[[PyTree, mx.array, mx.array], mx.array]) -> BatchedLoss:
+    """Mark ``fn(params_T, X_T, Y_T) -> (T,)`` as batched over tasks (leading axis on every leaf)."""
+    return BatchedLoss(fn)
+
+
+def vmap_tasks(loss_fn: LossFn | BatchedLoss) -> BatchedLoss:
+    """Lift a per-task ``loss_fn(params, x, y) -> scalar`` over a leading task axis with vmap."""
+    if isinstance(loss_fn, BatchedLoss):
+        return loss_fn
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn: expected a callable (params, x, y) -> scalar, got {loss_fn!r}")
+    return BatchedLoss(mx.vmap(loss_fn, in_axes=(0, 0, 0)))
+
+
+def batched_adapt(
+    loss_fn: LossFn | BatchedLoss,
+    params_t: PyTree,
+    x: mx.array,
+    y: mx.array,
+    steps: int,
+    lr: LearningRate,
+    first_order: bool = False,
+) -> PyTree:
+    """Adapt ``T`` parameter copies (leading axis ``T`` on every leaf) on their own tasks.
+
+    ``lr`` is a scalar or a per-parameter tree shaped like *one* copy (broadcast over tasks).
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps: expected a non-negative int, got {steps!r}")
+    batched = vmap_tasks(loss_fn).fn
+    grad_fn = mx.grad(lambda p: mx.sum(batched(p, x, y)))
+    scalar_lr = isinstance(lr, (int, float, mx.array))
+    for _ in range(steps):
+        g = grad_fn(params_t)
+        if first_order:
+            g = tree_map(mx.stop_gradient, g)
+        if scalar_lr:
+            params_t = tree_map(lambda p, d: p - lr * d, params_t, g)
+        else:
+            params_t = tree_map(lambda p, d, a: p - a * d, params_t, g, lr)
+    return params_t
+
+
+def _check(params: PyTree, episodes: Episode, inner_lr: LearningRate, steps: int) -> int:
+    tasks = check_episode_batch(episodes)
+    check_lr(inner_lr, params, "inner_lr")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps: expected a non-negative int, got {steps!r}")
+    return tasks
+
+
+def _maml_objective(
+    loss_fn: LossFn | BatchedLoss,
+    episodes: Episode,
+    inner_lr_of: Callable[[PyTree], LearningRate],
+    params_of: Callable[[PyTree], PyTree],
+    steps: int,
+    first_order: bool,
+) -> Callable[[PyTree], mx.array]:
+    batched = vmap_tasks(loss_fn)
+    sx, sy, qx, qy = episodes
+    tasks = sx.shape[0]
+
+    def objective(meta: PyTree) -> mx.array:
+        params_t = tree_broadcast(params_of(meta), tasks)
+        adapted = batched_adapt(batched, params_t, sx, sy, steps, inner_lr_of(meta), first_order)
+        return mx.mean(batched.fn(adapted, qx, qy))
+
+    return objective
+
+
+def maml_outer(
+    loss_fn: LossFn | BatchedLoss,
+    params: PyTree,
+    episodes: Episode,
+    inner_lr: LearningRate,
+    steps: int,
+    first_order: bool = False,
+) -> tuple[mx.array, PyTree]:
+    """MAML meta-loss and meta-gradient ``(L_meta(theta), grad L_meta(theta))`` over ``T`` tasks.
+
+    Second order by default (nested ``mx.grad`` through the inner updates); ``first_order=True``
+    is FOMAML. With ``steps=0`` it is the plain gradient of the mean query loss.
+    """
+    _check(params, episodes, inner_lr, steps)
+    objective = _maml_objective(loss_fn, episodes, lambda _: inner_lr, lambda p: p, steps, first_order)
+    return mx.value_and_grad(objective)(params)
+
+
+def fomaml_outer(
+    loss_fn: LossFn | BatchedLoss,
+    params: PyTree,
+    episodes: Episode,
+    inner_lr: LearningRate,
+    steps: int,
+) -> tuple[mx.array, PyTree]:
+    """First-order MAML: the meta-gradient is ``mean_t grad L_query_t(theta'_t)``."""
+    return maml_outer(loss_fn, params, episodes, inner_lr, steps, first_order=True)
+
+
+def reptile_outer(params: PyTree, adapted: PyTree, outer_lr: float | mx.array) -> PyTree:
+    """``theta + outer_lr * (mean_t theta'_t - theta)``; ``adapted`` has a leading task axis."""
+    if isinstance(outer_lr, (int, float)) and not (0.0 <= outer_lr) or outer_lr != outer_lr:
+        raise ValueError(f"outer_lr: expected a finite non-negative number, got {outer_lr}")
+    mean = tree_mean_axis0(adapted)
+    return tree_map(lambda p, m: p + outer_lr * (m - p), params, mean)
+
+
+def reptile_grad(
+    loss_fn: LossFn | BatchedLoss,
+    params: PyTree,
+    episodes: Episode,
+    inner_lr: LearningRate,
+    steps: int,
+) -> tuple[mx.array, PyTree]:
+    """Reptile's pseudo-gradient ``theta - mean_t theta'_t`` and the mean query loss at theta'_t.
+
+    Each task adapts on its support and query sets together (Reptile trains on all of a task's
+    data). ``sgd(beta)`` applied to this direction is exactly :func:`reptile_outer`.
+    """
+    tasks = _check(params, episodes, inner_lr, steps)
+    batched = vmap_tasks(loss_fn)
+    sx, sy, qx, qy = episodes
+    x = mx.concatenate([sx, qx], axis=1)
+    y = mx.concatenate([sy, qy], axis=1)
+    adapted = batched_adapt(batched, tree_broadcast(params, tasks), x, y, steps, inner_lr, True)
+    adapted = tree_map(mx.stop_gradient, adapted)
+    loss = mx.mean(batched.fn(adapted, qx, qy))
+    return loss, tree_sub(params, tree_mean_axis0(adapted))
+
+
+class MetaSGDParams(NamedTuple):
+    """Meta-SGD's meta-parameters: the initialization and a per-parameter inner rate tree."""
+
+    params: PyTree
+    lr: PyTree
+
+
+def metasgd_init(params: PyTree, lr: float) -> MetaSGDParams:
+    """Meta-SGD meta-parameters with every inner rate set to ``lr`` (Li et al. 2017)."""
+    check_lr(lr, params)
+    return MetaSGDParams(params, tree_map(lambda p: mx.full(p.shape, lr, dtype=p.dtype), params))
+
+
+def metasgd_outer(
+    loss_fn: LossFn | BatchedLoss,
+    meta: MetaSGDParams,
+    episodes: Episode,
+    steps: int,
+) -> tuple[mx.array, MetaSGDParams]:
+    """Meta-SGD: MAML's objective with the inner rates meta-learned alongside the initialization.
+
+    theta'_t = theta - alpha ⊙ grad L_support_t(theta) (elementwise rates alpha); returns the meta
+    loss and gradients for both ``meta.params`` and ``meta.lr``.
+    """
+    if not isinstance(meta, MetaSGDParams):
+        raise TypeError(f"meta: expected MetaSGDParams (see metasgd_init), got {type(meta).__name__}")
+    _check(meta.params, episodes, meta.lr, steps)
+    objective = _maml_objective(
+        loss_fn, episodes, lambda m: m.lr, lambda m: m.params, steps, first_order=False
+    )
+    return mx.value_and_grad(objective)(meta)
+
+
+def protonet_logits(
+    support_emb: mx.array, support_y: mx.array, query_emb: mx.array, n_way: int
+) -> mx.array:
+    """Prototypical-network logits ``-||f(x_q) - c_k||^2`` (Snell et al. 2017).
+
+    support_emb ``(Ns, D)``, support_y ``(Ns,)`` ints in ``[0, n_way)``, query_emb ``(Nq, D)``;
+    ``c_k`` is the mean support embedding of class k; returns ``(Nq, n_way)``.
+    """
+    onehot = (support_y[:, None] == mx.arange(n_way)[None, :]).astype(support_emb.dtype)
+    protos = (onehot.T @ support_emb) / mx.maximum(mx.sum(onehot, axis=0), 1.0)[:, None]
+    sq = (
+        mx.sum(query_emb * query_emb, axis=-1, keepdims=True)
+        - 2.0 * query_emb @ protos.T
+        + mx.sum(protos * protos, axis=-1)[None, :]
+    )
+    return -sq
+
+
+def protonet_outer(
+    embed_fn: Callable[[PyTree, mx.array], mx.array],
+    params: PyTree,
+    episodes: Episode,
+    n_way: int,
+) -> tuple[mx.array, PyTree, mx.array]:
+    """Mean ProtoNet cross-entropy over ``T`` episodes, its gradient, and query accuracy.
+
+    ``embed_fn(params, x)`` embeds a flat batch ``(N, *x) -> (N, D)``; all tasks' images are
+    embedded in one call (the embedding has no per-task parameters).
+    """
+    from metafn.losses import accuracy, cross_entropy
+
+    tasks = check_episode_batch(episodes)
+    if not isinstance(n_way, int) or n_way < 2:
+        raise ValueError(f"n_way: expected an int >= 2, got {n_way!r}")
+    sx, sy, qx, qy = episodes
+    ns, nq = sx.shape[1], qx.shape[1]
+
+    def loss_and_logits(p: PyTree) -> tuple[mx.array, mx.array]:
+        emb = embed_fn(p, mx.concatenate([sx, qx], axis=1).reshape(-1, *sx.shape[2:]))
+        emb = emb.reshape(tasks, ns + nq, -1)
+        logits = mx.vmap(protonet_logits, in_axes=(0, 0, 0, None))(
+            emb[:, :ns], sy, emb[:, ns:], n_way
+        )
+        return cross_entropy(logits, qy), logits
+
+    (loss, logits), grads = mx.value_and_grad(lambda p: loss_and_logits(p), argnums=0)(params)
+    return loss, grads, accuracy(logits, qy)
