@@ -1,13 +1,17 @@
-"""Test setup: metafn is imported first (fast BLAS before mlx); typeguard checks metafn's
-annotations at run time (``--typeguard-packages=metafn`` in pyproject); shared data paths."""
+"""Test setup: typeguard instruments metafn so every annotated public function is type-checked
+at run time during the tests; then metafn is imported first (fast BLAS before mlx); shared data
+paths."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import metafn  # noqa: F401  (must precede any mlx import)
 import pytest
+from typeguard import install_import_hook
+
+install_import_hook("metafn")
+import metafn  # noqa: E402,F401  (instrumented; must precede any mlx import)
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(

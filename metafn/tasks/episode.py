@@ -25,7 +25,8 @@ class Episode(NamedTuple):
 def check_episode_batch(episodes: Episode, name: str = "episodes") -> int:
     """Validate a batch of episodes and return the number of tasks ``T``.
 
-    Every field must be an ``mx.array`` with the same leading task axis; x and y of a set must
+    Every field must be an ``mx.array`` with the same leading task axis (inputs at least 3-D:
+    tasks, examples, features; targets at least 2-D); x and y of a set must
     agree on the number of examples; support and query inputs must have the same feature shape.
     """
     if not isinstance(episodes, Episode):
@@ -33,11 +34,12 @@ def check_episode_batch(episodes: Episode, name: str = "episodes") -> int:
     for field, value in zip(Episode._fields, episodes):
         if not isinstance(value, mx.array):
             raise TypeError(f"{name}.{field}: expected an mx.array, got {type(value).__name__}")
-        if value.ndim < 2:
+        min_ndim = 3 if field.endswith("_x") else 2
+        if value.ndim < min_ndim:
+            layout = "(tasks, examples, *features)" if min_ndim == 3 else "(tasks, examples, ...)"
             raise ValueError(
-                f"{name}.{field}: expected a leading task axis and an example axis "
-                f"(ndim >= 2), got shape {value.shape}; use a batch of episodes "
-                f"(sample_episodes) or add a task axis with x[None]"
+                f"{name}.{field}: expected a batch of episodes shaped {layout}, got shape "
+                f"{value.shape}; use sample_episodes, or add a task axis to one episode with x[None]"
             )
     sx, sy, qx, qy = episodes
     tasks = sx.shape[0]

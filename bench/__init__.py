@@ -1,0 +1,1 @@
+"""Benchmarks of metafn (not part of the installed package; run from the repository root)."""

@@ -1,0 +1,123 @@
+"""The workloads in metafn, through its public functions only.
+
+Variants: ``metafn`` (eager, exactly what a user writes) and ``metafn-compiled`` (the same call
+wrapped in ``mx.compile``; its first call traces and compiles, timings are steady state).
+
+``import metafn`` must come before any mlx import (fast BLAS preload, see metafn/_blas.py); the
+worker imports this module first in a fresh process.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import metafn  # noqa: F401  (before mlx: preloads the fast BLAS)
+import mlx.core as mx
+import numpy as np
+
+from bench.peers.runner import Runner
+from bench.peers.workloads import Workload, split_data
+from metafn import _blas
+from metafn.losses import mse_loss
+from metafn.nn import mlp_apply
+from metafn.outer import maml_outer, reptile_grad
+from metafn.tasks.episode import Episode
+from metafn.tree import tree_map
+
+NAME = "metafn"
+VARIANTS = ("metafn", "metafn-compiled")
+
+
+def setup(threads: int | None) -> None:
+    """Threads of the BLAS are set through OPENBLAS_NUM_THREADS / MKL_NUM_THREADS in the
+    environment before this process started (the orchestrator does it)."""
+
+
+def info() -> dict:
+    st = _blas.status()
+    return {
+        "framework": "metafn (MLX)",
+        "versions": {"metafn": metafn.__version__, "mlx": mx.__version__, "numpy": np.__version__,
+                     "python": platform.python_version()},
+        "blas": st.library, "blas_reason": st.reason,
+        "blas_libraries_mapped": _blas.loaded_blas_libraries(),
+        "threads": {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                                                    "OMP_NUM_THREADS")},
+        "memory_method": "peak RSS (getrusage ru_maxrss, HWM reset) minus RSS before build; "
+                         "mlx_peak_mb = mx.get_peak_memory() (MLX allocator's array peak)",
+    }
+
+
+def gemm(n: int):
+    """A callable computing one blocked ``n x n`` float32 matmul."""
+    a = mx.random.normal((n, n), key=mx.random.key(0))
+    b = mx.random.normal((n, n), key=mx.random.key(1))
+    mx.eval(a, b)
+    return lambda: mx.eval(a @ b)
+
+
+def _mlp_params(flat: list[np.ndarray]) -> list[dict[str, mx.array]]:
+    return [{"w": mx.array(flat[i]), "b": mx.array(flat[i + 1])} for i in range(0, len(flat), 2)]
+
+
+def _mlp_leaves(tree: list[dict[str, mx.array]]) -> list[np.ndarray]:
+    return [np.array(leaf) for layer in tree for leaf in (layer["w"], layer["b"])]
+
+
+def _block(out) -> None:
+    mx.eval(out)
+
+
+def _to_numpy(out) -> tuple[float, list[np.ndarray]]:
+    return float(out[0].item()), _mlp_leaves(out[1])
+
+
+def _mlp_maml(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
+    flat, ep_np = split_data(data)
+    params = _mlp_params(flat)
+    ep = Episode(*(mx.array(ep_np[k]) for k in ("sx", "sy", "qx", "qy")))
+    loss_fn = mse_loss(mlp_apply)
+
+    def step_fn(p, sx, sy, qx, qy):
+        return maml_outer(loss_fn, p, Episode(sx, sy, qx, qy), w.inner_lr, w.steps,
+                          first_order=w.first_order)
+
+    compiled = mx.compile(step_fn)
+    return {
+        "metafn": Runner(lambda: step_fn(params, *ep), _block, _to_numpy),
+        "metafn-compiled": Runner(lambda: compiled(params, *ep), _block, _to_numpy),
+    }
+
+
+def _mlp_reptile(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
+    flat, ep_np = split_data(data)
+    params = _mlp_params(flat)
+    ep = Episode(*(mx.array(ep_np[k]) for k in ("sx", "sy", "qx", "qy")))
+    loss_fn = mse_loss(mlp_apply)
+
+    def step_fn(p, sx, sy, qx, qy):
+        loss, g = reptile_grad(loss_fn, p, Episode(sx, sy, qx, qy), w.inner_lr, w.steps)
+        new = tree_map(lambda a, d: a - w.outer_lr * d, p, g)  # sgd(beta) == reptile_outer
+        return loss, g, new
+
+    compiled = mx.compile(step_fn)
+    return {
+        "metafn": Runner(lambda: step_fn(params, *ep), _block, _to_numpy),
+        "metafn-compiled": Runner(lambda: compiled(params, *ep), _block, _to_numpy),
+    }
+
+
+BUILDERS = {("mlp", "maml"): _mlp_maml, ("mlp", "reptile"): _mlp_reptile}
+
+
+def build(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
+    return BUILDERS[(w.model, w.kind)](w, data)
+
+
+def reset_peak() -> None:
+    mx.reset_peak_memory()
+
+
+def framework_peak_mb() -> dict:
+    return {"mlx_peak_mb": mx.get_peak_memory() / 2**20}

@@ -1,0 +1,221 @@
+"""Side-by-side workloads (DESIGN.md section 6): specs, shared data, FLOP counts, comparison.
+
+Everything here is framework-free (numpy only), so the orchestrator and every peer process
+share one definition of each workload. Data and initial parameters are generated ONCE with
+numpy from a fixed seed, written to an ``.npz``, and loaded by every framework's process.
+
+Parameter layout (canonical, every peer uses it): a flat list of arrays in the order
+``[w_0, b_0, w_1, b_1, ...]`` with ``w_l`` of shape ``(d_in, d_out)`` (``x @ w + b``) -- the
+layout of :func:`metafn.nn.mlp_init`, initialized like ``torch.nn.Linear``
+(``U(-1/sqrt(d_in), 1/sqrt(d_in))`` for weights and biases).
+
+Adding a workload: add a :class:`Workload` to ``WORKLOADS`` with a ``model`` and ``kind``, make
+:func:`make_data` produce its arrays, add :func:`flops` if a roofline is wanted, and give each
+peer module a builder for ``(model, kind)`` in its ``BUILDERS`` dict. A workload whose
+``requires`` module cannot be imported is skipped with a message (conv4 until it exists).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+SEED = 20240601
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One benchmark: a model, an algorithm, shapes and hyper-parameters."""
+
+    id: str
+    description: str
+    model: str  # "mlp" | "conv4"
+    kind: str  # "maml" | "reptile" | "protonet"
+    tasks: int
+    k_shot: int
+    n_query: int
+    steps: int = 0
+    inner_lr: float = 0.01
+    outer_lr: float = 0.1
+    first_order: bool = False
+    sizes: tuple[int, ...] = ()
+    n_way: int = 0
+    image: int = 28
+    channels: int = 64
+    requires: tuple[str, ...] = field(default=())
+
+    def available(self) -> tuple[bool, str]:
+        """Whether every module the workload needs can be imported (without importing it)."""
+        for mod in self.requires:
+            try:
+                found = importlib.util.find_spec(mod) is not None
+            except ModuleNotFoundError:
+                found = False
+            if not found:
+                return False, f"needs {mod} (not present yet)"
+        return True, ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+WORKLOADS: dict[str, Workload] = {
+    w.id: w
+    for w in [
+        Workload("W1", "sine MAML 2nd order, MLP 1-40-40-1, 25 tasks, K=Q=10, 5 inner SGD steps; "
+                 "one meta-gradient", "mlp", "maml", tasks=25, k_shot=10, n_query=10, steps=5,
+                 sizes=(1, 40, 40, 1)),
+        Workload("W2", "as W1 with hidden width 256", "mlp", "maml", tasks=25, k_shot=10,
+                 n_query=10, steps=5, sizes=(1, 256, 256, 1)),
+        Workload("W3", "sine Reptile, MLP 1-40-40-1, 25 tasks, K=Q=10 (adapts on support+query), "
+                 "5 inner SGD steps; one outer update", "mlp", "reptile", tasks=25, k_shot=10,
+                 n_query=10, steps=5, first_order=True, sizes=(1, 40, 40, 1)),
+        Workload("W4", "Omniglot MAML 2nd order, conv4 64ch + batch norm, 28x28, 5-way 1-shot, "
+                 "15 query, 8 tasks, 1 inner step", "conv4", "maml", tasks=8, k_shot=1,
+                 n_query=15, n_way=5, steps=1, inner_lr=0.4, requires=("metafn.nn.conv4",)),
+        Workload("W5", "as W4, first order", "conv4", "maml", tasks=8, k_shot=1, n_query=15,
+                 n_way=5, steps=1, inner_lr=0.4, first_order=True,
+                 requires=("metafn.nn.conv4",)),
+        Workload("W6", "ProtoNet conv4 64ch + batch norm, 5-way 5-shot, 15 query; one episode's "
+                 "gradient", "conv4", "protonet", tasks=1, k_shot=5, n_query=15, n_way=5,
+                 requires=("metafn.nn.conv4",)),
+    ]
+}
+
+
+# ----------------------------------------------------------------------------------- data
+
+
+def mlp_init_np(rng: np.random.Generator, sizes: tuple[int, ...]) -> list[np.ndarray]:
+    """``[w_0, b_0, ...]`` with torch.nn.Linear's init, float32."""
+    out: list[np.ndarray] = []
+    for d_in, d_out in zip(sizes[:-1], sizes[1:]):
+        bound = 1.0 / math.sqrt(d_in)
+        out.append(rng.uniform(-bound, bound, (d_in, d_out)).astype(np.float32))
+        out.append(rng.uniform(-bound, bound, (d_out,)).astype(np.float32))
+    return out
+
+
+def sine_tasks_np(rng: np.random.Generator, tasks: int, k: int, q: int) -> dict[str, np.ndarray]:
+    """Finn et al. (2017) sine regression: A ~ U[0.1, 5], phase ~ U[0, pi], x ~ U[-5, 5]."""
+    amp = rng.uniform(0.1, 5.0, (tasks, 1, 1))
+    phase = rng.uniform(0.0, math.pi, (tasks, 1, 1))
+    x = rng.uniform(-5.0, 5.0, (tasks, k + q, 1))
+    y = amp * np.sin(x - phase)
+    f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
+    return {"sx": f32(x[:, :k]), "sy": f32(y[:, :k]), "qx": f32(x[:, k:]), "qy": f32(y[:, k:])}
+
+
+def make_data(w: Workload, seed: int = SEED) -> dict[str, np.ndarray]:
+    """Parameters ``p0, p1, ...`` (canonical order) and episode arrays ``sx, sy, qx, qy``."""
+    rng = np.random.default_rng([seed, int(w.id[1:])])
+    if w.model == "mlp":
+        params = mlp_init_np(rng, w.sizes)
+        data = sine_tasks_np(rng, w.tasks, w.k_shot, w.n_query)
+    else:  # conv4: defined once metafn.nn.conv4 exists (see the module docstring)
+        raise NotImplementedError(f"{w.id}: data for model {w.model!r} is not defined yet")
+    data.update({f"p{i}": p for i, p in enumerate(params)})
+    return data
+
+
+def split_data(data: dict[str, np.ndarray]) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """``(params list in canonical order, episode arrays)`` from :func:`make_data`'s dict."""
+    n = sum(1 for k in data if k.startswith("p") and k[1:].isdigit())
+    return [data[f"p{i}"] for i in range(n)], {k: data[k] for k in ("sx", "sy", "qx", "qy")}
+
+
+# ---------------------------------------------------------------------------------- FLOPs
+
+
+def _mm(n: int, a: int, b: int) -> int:
+    return 2 * n * a * b
+
+
+def mlp_flops(w: Workload) -> dict[str, int | str]:
+    """Matmul FLOPs of one step of an MLP workload, counted analytically.
+
+    Counted: every matrix product (2*m*k*n FLOPs) that reverse-mode autodiff needs; elementwise
+    ops (bias, ReLU, MSE, SGD updates) are left out (they are O(n*width), the matmuls
+    O(n*width^2)). Per task, with layers ``l = 1..L`` of shape ``(a_l, b_l)`` and ``n`` rows:
+
+    * forward: ``sum_l mm(n, a_l, b_l)``;
+    * gradient (backward): ``dW_l = x_l^T delta_l`` for every layer, ``delta_{l-1} = delta_l W_l^T``
+      for ``l >= 2`` (no gradient for the input data);
+    * reverse of a gradient pass (second-order MAML): each product whose both operands depend on
+      the meta-parameters costs 2 products (one cotangent per operand), one whose left operand is
+      the input data costs 1 (layer 1's forward and ``dW_1``).
+
+    MAML (second order), ``S`` steps: ``S*(fwd+bwd)(K) + fwd(Q) + rev_fwd(Q) + S*rev_grad(K)``;
+    FOMAML: ``S*(fwd+bwd)(K) + (fwd+bwd)(Q)``; Reptile: ``S*(fwd+bwd)(K+Q) + fwd(Q)``.
+    """
+    layers = list(zip(w.sizes[:-1], w.sizes[1:]))
+
+    def fwd(n: int) -> int:
+        return sum(_mm(n, a, b) for a, b in layers)
+
+    def bwd(n: int) -> int:
+        return sum(_mm(n, a, b) for a, b in layers) + sum(_mm(n, a, b) for a, b in layers[1:])
+
+    def rev_fwd(n: int) -> int:  # cotangents of the forward products
+        return sum(_mm(n, a, b) * (1 if i == 0 else 2) for i, (a, b) in enumerate(layers))
+
+    def rev_grad(n: int) -> int:  # reverse of one full gradient pass (fwd + bwd)
+        dw = sum(_mm(n, a, b) * (1 if i == 0 else 2) for i, (a, b) in enumerate(layers))
+        dx = sum(2 * _mm(n, a, b) for a, b in layers[1:])
+        return rev_fwd(n) + dw + dx
+
+    k, q, s = w.k_shot, w.n_query, w.steps
+    if w.kind == "maml" and not w.first_order:
+        per_task = s * (fwd(k) + bwd(k)) + fwd(q) + rev_fwd(q) + s * rev_grad(k)
+    elif w.kind == "maml":
+        per_task = s * (fwd(k) + bwd(k)) + fwd(q) + bwd(q)
+    elif w.kind == "reptile":
+        per_task = s * (fwd(k + q) + bwd(k + q)) + fwd(q)
+    else:
+        raise ValueError(w.kind)
+    return {"flops": per_task * w.tasks, "method": "analytic matmul count (bench/peers/workloads.py"
+            ":mlp_flops); elementwise ops excluded"}
+
+
+def flops(w: Workload) -> dict[str, int | str] | None:
+    """FLOPs of one step of ``w`` (None where no count is defined yet)."""
+    if w.model == "mlp":
+        return mlp_flops(w)
+    return None
+
+
+# ----------------------------------------------------------------------------- comparison
+
+RTOL = 1e-4
+ATOL_REL = 1e-5  # absolute tolerance, as a fraction of the reference gradient's global norm
+
+
+def compare(ref_loss: float, ref: list[np.ndarray], loss: float, out: list[np.ndarray]
+            ) -> tuple[bool, dict]:
+    """Does a peer's ``(loss, gradient leaves)`` match the reference to float tolerance?
+
+    Loss: ``|loss - ref| <= RTOL * |ref| + 1e-6``. Gradient: every entry within
+    ``RTOL * |ref_i| + ATOL_REL * ||ref||_2`` (norm over all leaves).
+    """
+    if len(out) != len(ref):
+        return False, {"error": f"{len(out)} leaves, expected {len(ref)}"}
+    norm = math.sqrt(sum(float(np.sum(np.square(r, dtype=np.float64))) for r in ref))
+    atol = ATOL_REL * max(norm, 1e-12)
+    ok = abs(loss - ref_loss) <= RTOL * abs(ref_loss) + 1e-6
+    max_abs = 0.0
+    diff_sq = 0.0
+    for i, (r, o) in enumerate(zip(ref, out)):
+        if r.shape != o.shape:
+            return False, {"error": f"leaf {i}: shape {o.shape}, expected {r.shape}"}
+        d = np.abs(o.astype(np.float64) - r.astype(np.float64))
+        max_abs = max(max_abs, float(d.max(initial=0.0)))
+        diff_sq += float(np.sum(d * d))
+        ok = ok and bool(np.all(d <= RTOL * np.abs(r) + atol)) and bool(np.all(np.isfinite(o)))
+    return ok, {
+        "loss": loss, "ref_loss": ref_loss, "loss_rel_err": abs(loss - ref_loss) / max(abs(ref_loss), 1e-30),
+        "grad_rel_err": math.sqrt(diff_sq) / max(norm, 1e-30), "grad_max_abs_err": max_abs,
+        "grad_norm": norm,
+    }

@@ -1,0 +1,340 @@
+"""Side-by-side speed of metafn, JAX and PyTorch on the DESIGN.md section 6 workloads.
+
+    python -m bench.speed                                  # everything available
+    python -m bench.speed --workloads W1,W2 --repeats 20   # a subset
+    python -m bench.speed --quick                          # a short smoke run
+
+One process per framework (``bench.worker``); the data and initial parameters are generated once
+with numpy and loaded by every process. Before any timing, each peer's loss and gradient are
+checked against metafn's (float tolerance, see ``bench.peers.workloads.compare``); a mismatch
+aborts the run. Timings: after warm-up, ``--repeats`` timed calls per runner and workload, taken
+in rounds of ``--batch`` calls, round robin over the runners (the order rotates each round), so
+slow drifts of a shared machine hit every framework alike. Reports median / min / max ms, peak
+memory (fresh process per framework and workload), each runner's time over metafn's, the GEMM
+rate of each framework and, where a FLOP count exists, achieved GFLOP/s and its fraction of that
+framework's GEMM rate. Writes ``bench/results/speed.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.peers.workloads import WORKLOADS, compare, flops, make_data
+
+REPO = Path(__file__).resolve().parents[1]
+FRAMEWORKS = ("metafn", "jax", "torch")
+IMPORTS = {"metafn": "metafn", "jax": "jax", "torch": "torch"}
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class Proc:
+    """A running ``bench.worker`` process."""
+
+    def __init__(self, framework: str, env: dict[str, str], threads: int | None):
+        self.framework = framework
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "bench.worker", framework, str(threads) if threads else "-"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO, env=env, text=True,
+        )
+        ready = self._read()
+        if not ready.get("ok"):
+            raise WorkerError(f"{framework} worker failed to start:\n{ready.get('error')}")
+
+    def _read(self) -> dict:
+        line = self.p.stdout.readline()
+        if not line:
+            raise WorkerError(f"{self.framework} worker exited (code {self.p.poll()})")
+        return json.loads(line)
+
+    def call(self, **msg) -> dict:
+        self.p.stdin.write(json.dumps(msg) + "\n")
+        self.p.stdin.flush()
+        reply = self._read()
+        if not reply.get("ok"):
+            raise WorkerError(f"{self.framework} {msg.get('cmd')} failed:\n{reply.get('error')}")
+        return reply
+
+    def close(self) -> None:
+        try:
+            self.p.stdin.write('{"cmd": "quit"}\n')
+            self.p.stdin.flush()
+            self.p.wait(timeout=30)
+        except Exception:  # noqa: BLE001
+            self.p.kill()
+
+
+def worker_env(framework: str, threads: int | None, extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if threads:
+        for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[k] = str(threads)
+        if framework == "jax" and threads == 1:
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                                " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    if framework == "metafn":
+        env.update(extra)
+    return env
+
+
+def importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def summarize(ts: list[float]) -> dict:
+    return {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts),
+            "mean_ms": statistics.fmean(ts), "n": len(ts),
+            "iqr_ms": (float(np.percentile(ts, 75) - np.percentile(ts, 25)))}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.speed", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default="all",
+                    help="comma-separated ids (W1,W2,...) or 'all' (default: all available)")
+    ap.add_argument("--frameworks", default=",".join(FRAMEWORKS),
+                    help="comma-separated subset of metafn,jax,torch (default: all three)")
+    ap.add_argument("--repeats", type=int, default=30,
+                    help="timed calls per runner and workload (default 30)")
+    ap.add_argument("--batch", type=int, default=5,
+                    help="timed calls per round-robin turn (default 5)")
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="untimed calls after the first (compiling) call (default 3)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="set OPENBLAS/OMP/MKL_NUM_THREADS and torch threads for every framework "
+                         "(JAX: only 1 is supported, through XLA_FLAGS); default: library defaults")
+    ap.add_argument("--metafn-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra environment for the metafn process only, e.g. "
+                         "OPENBLAS_NUM_THREADS=1 (repeatable)")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    ap.add_argument("--pause-ms", type=float, default=20.0,
+                    help="sleep between round-robin turns so idle BLAS/OpenMP threads park")
+    ap.add_argument("--quick", action="store_true", help="short run: --repeats 6 --batch 2 --warmup 1")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "speed.json"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.repeats, args.batch, args.warmup = 6, 2, 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    extra = dict(kv.split("=", 1) for kv in args.metafn_env)
+    frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    if "metafn" not in frameworks:
+        frameworks.insert(0, "metafn")  # the reference for checks and ratios
+    for f in list(frameworks):
+        if f not in FRAMEWORKS:
+            sys.exit(f"unknown framework {f!r}; choose from {FRAMEWORKS}")
+        if not importable(IMPORTS[f]):
+            print(f"!! {f}: not installed, skipped", file=sys.stderr)
+            frameworks.remove(f)
+    wanted = list(WORKLOADS) if args.workloads == "all" else [w.strip() for w in args.workloads.split(",")]
+    workloads = []
+    skipped = {}
+    for wid in wanted:
+        if wid not in WORKLOADS:
+            sys.exit(f"unknown workload {wid!r}; choose from {list(WORKLOADS)}")
+        ok, why = WORKLOADS[wid].available()
+        if ok:
+            workloads.append(WORKLOADS[wid])
+        else:
+            skipped[wid] = why
+            print(f"-- {wid}: skipped, {why}", file=sys.stderr)
+    if not workloads:
+        sys.exit("no workload to run")
+
+    tmp = tempfile.TemporaryDirectory(prefix="metafn-bench-")
+    data_paths = {}
+    for w in workloads:
+        data_paths[w.id] = os.path.join(tmp.name, f"{w.id}.npz")
+        np.savez(data_paths[w.id], **make_data(w))
+
+    load_start = os.getloadavg()
+    t_start = time.time()
+    procs: dict[str, Proc] = {}
+    report: dict = {
+        "meta": {
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python -m bench.speed " + " ".join(sys.argv[1:] if argv is None else argv),
+            "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform()},
+            "loadavg_start": load_start,
+            "options": vars(args),
+            "timing": "perf_counter around one call that blocks on all outputs; per runner and "
+                      "workload: build, 1 compiling call, --warmup calls, then --repeats timed "
+                      "calls in round-robin turns of --batch (each turn preceded by one untimed "
+                      "call); gc disabled while timing",
+            "ratio": "runner median ms / metafn (eager) median ms: > 1 means metafn is faster",
+        },
+        "frameworks": {}, "workloads": {}, "skipped": skipped,
+    }
+    try:
+        for f in frameworks:
+            print(f".. starting {f} worker", file=sys.stderr)
+            procs[f] = Proc(f, worker_env(f, args.threads, extra), args.threads)
+            info = procs[f].call(cmd="info")
+            info.pop("ok")
+            info["gemm_2048"] = {k: v for k, v in procs[f].call(cmd="gemm", n=2048, reps=5).items()
+                                 if k != "ok"}
+            report["frameworks"][f] = info
+        runners: dict[str, list[tuple[str, str]]] = {}
+        for w in workloads:
+            entry = report["workloads"][w.id] = {"spec": w.as_dict(), "runners": {}, "check": {}}
+            fl = flops(w)
+            if fl:
+                entry["flops"] = fl
+            runners[w.id] = []
+            for f in frameworks:
+                print(f".. {w.id}: building {f}", file=sys.stderr)
+                b = procs[f].call(cmd="build", workload=w.id, data=data_paths[w.id])
+                for v in b["variants"]:
+                    runners[w.id].append((f, v))
+                    entry["runners"][v] = {"framework": f, "first_call_ms": b["first_call_ms"][v]}
+            if "jax" in procs and fl:
+                xf = procs["jax"].call(cmd="cost_flops", workload=w.id, data=data_paths[w.id])["flops"]
+                if xf:
+                    entry["flops"]["xla_cost_analysis_flops"] = xf
+            # correctness: every runner against metafn (eager)
+            ref_path = os.path.join(tmp.name, f"{w.id}-ref.npz")
+            procs["metafn"].call(cmd="check", workload=w.id, variant="metafn", out=ref_path)
+            ref = np.load(ref_path)
+            ref_loss = float(ref["loss"])
+            ref_leaves = [ref[f"g{i}"] for i in range(len(ref.files) - 1)]
+            for f, v in runners[w.id]:
+                path = os.path.join(tmp.name, f"{w.id}-{v}.npz")
+                procs[f].call(cmd="check", workload=w.id, variant=v, out=path)
+                got = np.load(path)
+                ok, detail = compare(ref_loss, ref_leaves, float(got["loss"]),
+                                     [got[f"g{i}"] for i in range(len(got.files) - 1)])
+                entry["check"][v] = {"ok": ok, **detail}
+                status = "ok" if ok else "MISMATCH"
+                print(f"   check {w.id} {v:16s} {status}: loss rel err {detail.get('loss_rel_err', 0):.1e}, "
+                      f"grad rel err {detail.get('grad_rel_err', 0):.1e}", file=sys.stderr)
+                if not ok:
+                    raise SystemExit(
+                        f"CORRECTNESS FAILURE: {w.id} {v} disagrees with metafn: {detail}")
+            for f, v in runners[w.id]:
+                procs[f].call(cmd="time", workload=w.id, variant=v, n=0, warm=args.warmup)
+
+        # timing: round robin over runners, rotating the order each round
+        times: dict[tuple[str, str], list[float]] = {(w.id, v): [] for w in workloads
+                                                     for _, v in runners[w.id]}
+        rounds = max(1, -(-args.repeats // args.batch))
+        print(f".. timing: {rounds} rounds x {args.batch} calls", file=sys.stderr)
+        for r in range(rounds):
+            n = min(args.batch, args.repeats - r * args.batch)
+            for w in workloads:
+                rs = runners[w.id]
+                for f, v in rs[r % len(rs):] + rs[:r % len(rs)]:
+                    time.sleep(args.pause_ms / 1e3)
+                    times[(w.id, v)] += procs[f].call(cmd="time", workload=w.id, variant=v, n=n,
+                                                      warm=1)["ms"]
+            print(f"   round {r + 1}/{rounds}", file=sys.stderr)
+    finally:
+        for p in procs.values():
+            p.close()
+
+    # peak memory: a fresh process per framework and workload
+    if not args.no_memory:
+        for w in workloads:
+            for f in frameworks:
+                print(f".. memory {w.id} {f}", file=sys.stderr)
+                for fw, v in runners[w.id]:
+                    if fw != f or v.endswith("-compiled"):
+                        continue
+                    p = Proc(f, worker_env(f, args.threads, extra), args.threads)
+                    try:
+                        m = p.call(cmd="memory", workload=w.id, data=data_paths[w.id], variant=v)
+                    finally:
+                        p.close()
+                    m.pop("ok")
+                    report["workloads"][w.id]["runners"][v]["memory"] = m
+
+    for w in workloads:
+        entry = report["workloads"][w.id]
+        base = statistics.median(times[(w.id, "metafn")])
+        for f, v in runners[w.id]:
+            s = summarize(times[(w.id, v)])
+            s["times_ms"] = [round(t, 4) for t in times[(w.id, v)]]
+            s["ratio_vs_metafn"] = s["median_ms"] / base
+            if "flops" in entry:
+                g = entry["flops"]["flops"] / (s["median_ms"] / 1e3) / 1e9
+                s["gflops"] = g
+                s["gemm_fraction"] = g / report["frameworks"][f]["gemm_2048"]["gflops_median"]
+            entry["runners"][v].update(s)
+    report["meta"]["loadavg_end"] = os.getloadavg()
+    report["meta"]["wall_s"] = time.time() - t_start
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    print_table(report)
+    print(f"\nwrote {out}")
+    return 0
+
+
+def print_table(report: dict) -> None:
+    m = report["meta"]
+    print(f"\nmachine: {m['machine']['cpu']}, {m['machine']['cpus']} cpus; load average "
+          f"{m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end")
+    print("\nGEMM 2048x2048 float32 (median of 5):")
+    for f, info in report["frameworks"].items():
+        g = info["gemm_2048"]
+        thr = {k: v for k, v in info.get("threads", {}).items() if v is not None}
+        extra = f", BLAS {os.path.basename(info['blas'])}" if info.get("blas") else ""
+        print(f"  {f:7s} {g['gflops_median']:7.1f} GFLOP/s (best {g['gflops_best']:.1f}){extra}; threads {thr}")
+    hdr = (f"\n{'wl':3s} {'runner':16s} {'median ms':>10s} {'min':>9s} {'max':>9s} {'peak MB':>8s} "
+           f"{'x metafn':>9s} {'GFLOP/s':>8s} {'%GEMM':>6s}")
+    print(hdr)
+    print("-" * (len(hdr) - 1))
+    for wid, e in report["workloads"].items():
+        for v, r in e["runners"].items():
+            mem = r.get("memory", {})
+            mb = mem.get("mlx_peak_mb", mem.get("peak_rss_delta_mb"))
+            mb_s = f"{mb:8.1f}" if mb is not None else f"{'-':>8s}"
+            gf = f"{r['gflops']:8.2f} {100 * r['gemm_fraction']:5.1f}%" if "gflops" in r else ""
+            print(f"{wid:3s} {v:16s} {r['median_ms']:10.2f} {r['min_ms']:9.2f} {r['max_ms']:9.2f} "
+                  f"{mb_s} {r['ratio_vs_metafn']:9.2f} {gf}")
+        if "flops" in e:
+            x = e["flops"].get("xla_cost_analysis_flops")
+            xs = f" (XLA cost analysis: {x / 1e6:.1f} MFLOP)" if x else ""
+            print(f"    {wid}: {e['flops']['flops'] / 1e6:.1f} MFLOP per step, analytic matmul count{xs}")
+    print("\nx metafn = runner median / metafn (eager) median (> 1: metafn faster). peak MB: "
+          "metafn = mx.get_peak_memory(); jax/torch = peak RSS minus RSS before build "
+          "(fresh process, includes compilation).")
+    for wid, why in report.get("skipped", {}).items():
+        print(f"skipped {wid}: {why}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

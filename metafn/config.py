@@ -1,0 +1,252 @@
+"""Experiment configuration: frozen dataclasses loaded from YAML with strict validation.
+
+``load_config(path)`` parses YAML, rejects unknown keys (listing the valid ones), wrong types and
+out-of-range values with a :class:`ConfigError` whose message starts with the dotted key
+(``train.steps: expected an int >= 1, got 0``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "ConfigError", "Config", "TaskConfig", "ModelConfig", "AlgorithmConfig", "TrainConfig",
+    "EvalConfig", "load_config", "config_from_dict", "config_to_dict", "FAMILIES", "ALGORITHMS",
+]
+
+FAMILIES = ("sine", "linear2d", "xor", "circles", "spirals", "omniglot")
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "pooled", "protonet")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+def _require(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {got!r}")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Which tasks to meta-learn: family, shots, queries, ways and family options."""
+
+    family: str = "sine"
+    k_shot: int = 5
+    n_query: int = 10
+    n_way: int | None = None
+    noise: float = 0.1
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    image_size: int = 28
+    rotations: bool = True
+    within_alphabet: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.family in FAMILIES, "task.family", f"one of {list(FAMILIES)}", self.family)
+        _require(self.k_shot >= 1, "task.k_shot", "an int >= 1", self.k_shot)
+        _require(self.n_query >= 1, "task.n_query", "an int >= 1", self.n_query)
+        if self.family == "sine":
+            _require(self.n_way in (None, 1), "task.n_way", "null for regression (sine)", self.n_way)
+        else:
+            _require(self.n_way is not None and self.n_way >= 2, "task.n_way", "an int >= 2", self.n_way)
+        _require(math.isfinite(self.noise) and self.noise >= 0, "task.noise", "a finite float >= 0", self.noise)
+        _require(self.image_size >= 8, "task.image_size", "an int >= 8", self.image_size)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Model shape: MLP hidden widths (toy families) or conv4 channels (Omniglot)."""
+
+    hidden: tuple[int, ...] = (40, 40)
+    activation: Literal["relu", "tanh", "gelu"] = "relu"
+    channels: int = 64
+
+    def __post_init__(self) -> None:
+        _require(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden), "model.hidden",
+                 "a non-empty list of positive ints", list(self.hidden))
+        _require(self.channels >= 1, "model.channels", "an int >= 1", self.channels)
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """The meta-learning algorithm and its inner loop."""
+
+    name: str = "maml"
+    inner_lr: float = 0.01
+    inner_steps: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.name in ALGORITHMS, "algorithm.name", f"one of {list(ALGORITHMS)}", self.name)
+        _require(math.isfinite(self.inner_lr) and self.inner_lr > 0, "algorithm.inner_lr",
+                 "a finite float > 0", self.inner_lr)
+        _require(self.inner_steps >= 0, "algorithm.inner_steps", "an int >= 0", self.inner_steps)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The outer loop: meta-batch, optimizer, schedule, and how often to evaluate and save."""
+
+    steps: int = 10000
+    meta_batch_size: int = 25
+    optimizer: Literal["adam", "sgd"] = "adam"
+    outer_lr: float = 1e-3
+    schedule: Literal["constant", "cosine"] = "constant"
+    clip_norm: float | None = None
+    compile: bool = True
+    log_interval: int = 100
+    eval_interval: int = 1000
+    save_interval: int = 1000
+    val_tasks: int = 200
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "meta_batch_size", "log_interval", "eval_interval", "save_interval", "val_tasks"):
+            value = getattr(self, key)
+            _require(value >= 1, f"train.{key}", "an int >= 1", value)
+        _require(math.isfinite(self.outer_lr) and self.outer_lr > 0, "train.outer_lr",
+                 "a finite float > 0", self.outer_lr)
+        if self.clip_norm is not None:
+            _require(math.isfinite(self.clip_norm) and self.clip_norm > 0, "train.clip_norm",
+                     "null or a finite float > 0", self.clip_norm)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation: adaptation curves over ``n_tasks`` test tasks with baselines."""
+
+    n_tasks: int = 1000
+    steps: int = 10
+    finetune_lrs: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1)
+    select_tasks: int = 200
+    baselines: bool = True
+    pooled_steps: int | None = None
+    chunk: int = 100
+
+    def __post_init__(self) -> None:
+        _require(self.n_tasks >= 1, "eval.n_tasks", "an int >= 1", self.n_tasks)
+        _require(self.steps >= 0, "eval.steps", "an int >= 0", self.steps)
+        _require(len(self.finetune_lrs) >= 1 and all(math.isfinite(x) and x > 0 for x in self.finetune_lrs),
+                 "eval.finetune_lrs", "a non-empty list of finite floats > 0", list(self.finetune_lrs))
+        _require(self.select_tasks >= 1, "eval.select_tasks", "an int >= 1", self.select_tasks)
+        _require(self.chunk >= 1, "eval.chunk", "an int >= 1", self.chunk)
+        if self.pooled_steps is not None:
+            _require(self.pooled_steps >= 1, "eval.pooled_steps", "null or an int >= 1", self.pooled_steps)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole experiment."""
+
+    name: str = "experiment"
+    seed: int = 0
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.seed < 2**32, "seed", "an int in [0, 2**32)", self.seed)
+        if self.algorithm.name == "protonet":
+            _require(self.task.n_way is not None, "algorithm.name",
+                     "a classification family for protonet", self.task.family)
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp``; return it converted (lists -> tuples)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _check_type(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        names = " or ".join(_type_name(o) for o in typing.get_args(tp))
+        raise ConfigError(f"{key}: expected {names}, got {value!r}")
+    if tp is type(None):
+        _require(value is None, key, "null", value)
+        return None
+    if origin is Literal:
+        _require(value in typing.get_args(tp), key, f"one of {list(typing.get_args(tp))}", value)
+        return value
+    if origin is tuple:
+        _require(isinstance(value, (list, tuple)), key, "a list", value)
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_check_type(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        _require(isinstance(value, bool), key, "true or false", value)
+        return value
+    if tp is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key, "an int", value)
+        return value
+    if tp is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
+        return float(value)
+    if tp is str:
+        _require(isinstance(value, str), key, "a string", value)
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, key)
+    raise ConfigError(f"{key}: unsupported annotation {tp}")  # pragma: no cover
+
+
+def _type_name(tp: Any) -> str:
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{key}: unknown key; valid keys in {where}: {names}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _check_type(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from plain data (as parsed from YAML)."""
+    return _from_dict(Config, data, "")
+
+
+def load_config(path: str | Path) -> Config:
+    """Load and validate a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: no such file {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path} is not valid YAML: {exc}") from exc
+    return config_from_dict(data)
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """Plain, YAML/JSON-serializable data for ``config`` (tuples become lists)."""
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, (tuple, list)):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    return plain(dataclasses.asdict(config))

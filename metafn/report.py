@@ -1,0 +1,130 @@
+"""Final held-out evaluation of a run, with its baselines, written to ``results.json``.
+
+Methods compared on the *same* test tasks:
+
+- the meta-learned initialization (fine-tuned from it; nearest prototypes for ProtoNets);
+- ``random_init``: a fresh random initialization fine-tuned with the same budget;
+- ``pooled``: the model pre-trained on all training tasks pooled (the query loss at theta, no
+  inner loop), for as many steps as the meta-training, then fine-tuned.
+
+Each method's fine-tuning rate is chosen on validation tasks from ``eval.finetune_lrs`` (plus
+the trained inner rate); Meta-SGD uses its learned rates. Test figures are mean and 95% CI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from metafn.checkpoint import atomic_write_text, load_checkpoint, read_metadata
+from metafn.config import Config, config_to_dict
+from metafn.evaluate import curve_over_tasks, select_lr, summarize_curve
+from metafn.experiment import Experiment, build_experiment, init_meta
+from metafn.random import fold_in, key as make_key
+from metafn.tree import PyTree
+
+__all__ = ["evaluate_methods", "pooled_config", "run_evaluation", "load_meta"]
+
+RANDOM_INIT_STREAM, SELECT_STREAM, TEST_STREAM = 3, 4, 5
+
+
+def pooled_config(config: Config) -> Config:
+    """The pooled pre-training baseline's config: same tasks and budget, no inner loop."""
+    algo = dataclasses.replace(config.algorithm, name="pooled", inner_steps=0)
+    steps = config.eval.pooled_steps or config.train.steps
+    train = dataclasses.replace(config.train, steps=steps)
+    return dataclasses.replace(config, name=f"{config.name}-pooled", algorithm=algo, train=train)
+
+
+def load_meta(config: Config, path: str | Path) -> PyTree:
+    """Meta-parameters of ``config`` from a ``best`` (parameters) or ``last`` (state) checkpoint."""
+    import mlx.core as mx
+
+    from metafn.train import TrainState, make_optimizer
+
+    template = init_meta(build_experiment(config), config.algorithm, make_key(0))
+    if read_metadata(path).get("kind") == "last":
+        optimizer = make_optimizer(config)
+        state = TrainState(template, optimizer.init(template), mx.array(0, dtype=mx.int32))
+        return load_checkpoint(path, state)[0].meta
+    return load_checkpoint(path, template)[0]
+
+
+def evaluate_methods(
+    exp: Experiment,
+    config: Config,
+    methods: dict[str, tuple[PyTree, str]],
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Evaluate each ``name -> (meta, kind)`` where kind is ``adapt``, ``metasgd`` or ``protonet``."""
+    ev = config.eval
+    run_key = make_key(config.seed)
+    results: dict[str, Any] = {}
+    for name, (meta, kind) in methods.items():
+        t0 = time.perf_counter()
+        if kind == "protonet":
+            lr, table, steps = None, {}, 0
+        elif kind == "metasgd":
+            lr, table, steps = None, {}, ev.steps
+        else:
+            candidates = tuple(sorted(set(ev.finetune_lrs) | {config.algorithm.inner_lr}))
+            lr, table = select_lr(
+                lambda r: curve_over_tasks(exp, meta, fold_in(run_key, SELECT_STREAM), "val",
+                                           ev.select_tasks, ev.steps, r, ev.chunk),
+                candidates, exp.classification,
+            )
+            steps = ev.steps
+        scorer = "protonet" if kind == "protonet" else "adapt"
+        loss, acc = curve_over_tasks(exp, meta, fold_in(run_key, TEST_STREAM), "test", ev.n_tasks,
+                                     steps, lr, ev.chunk, scorer)
+        summary = summarize_curve(loss, acc)
+        summary.update({"finetune_lr": lr, "lr_selection_val": table, "steps": list(range(steps + 1)),
+                        "eval_seconds": time.perf_counter() - t0})
+        results[name] = summary
+        head = summary.get("accuracy_mean", summary["loss_mean"])
+        log(f"{name}: final {'accuracy' if acc is not None else 'loss'} {head[-1]:.4f} "
+            f"(lr {lr}, {loss.shape[1]} test tasks)")
+    return results
+
+
+def run_evaluation(
+    config: Config,
+    out_dir: str | Path,
+    meta: PyTree,
+    train_summary: dict[str, Any] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Evaluate ``meta`` and the baselines; write and return ``out_dir/results.json``."""
+    from metafn.train import train
+
+    out = Path(out_dir)
+    exp = build_experiment(config)
+    algo = config.algorithm.name
+    kind = {"protonet": "protonet", "metasgd": "metasgd"}.get(algo, "adapt")
+    methods: dict[str, tuple[PyTree, str]] = {algo: (meta, kind)}
+    pooled_summary = None
+    if config.eval.baselines:
+        random_params = exp.init_params(fold_in(make_key(config.seed), RANDOM_INIT_STREAM))
+        methods["random_init"] = (random_params, "adapt")
+        if algo != "pooled":
+            pcfg = pooled_config(config)
+            log(f"training the pooled pre-training baseline ({pcfg.train.steps} steps) in {out / 'pooled'}")
+            pstate, pooled_summary = train(pcfg, out / "pooled", progress=progress, log=log)
+            methods["pooled"] = (pstate.meta, "adapt")
+    results = {
+        "name": config.name,
+        "config": config_to_dict(config),
+        "protocol": (
+            f"{config.eval.n_tasks} held-out test tasks; fine-tuning rate per method chosen on "
+            f"{config.eval.select_tasks} validation tasks; mean and 95% CI (1.96 sd / sqrt(n))"
+        ),
+        "train": train_summary,
+        "pooled_train": pooled_summary,
+        "methods": evaluate_methods(exp, config, methods, log),
+    }
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    return results

@@ -1,0 +1,212 @@
+"""Invariants of the outer loops (DESIGN.md section 4) and finite-difference checks."""
+
+from __future__ import annotations
+
+import metafn  # noqa: F401
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+from typeguard import TypeCheckError
+
+from helpers import MSE_MLP, assert_trees_close, random_episodes, small_mlp
+from metafn.inner import adapt
+from metafn.outer import (
+    fomaml_outer, maml_outer, metasgd_init, metasgd_outer, protonet_logits, reptile_grad,
+    reptile_outer, task_batched, vmap_tasks,
+)
+from metafn.tasks import Episode
+from metafn.tree import tree_leaves, tree_add, tree_broadcast, tree_dot, tree_map, tree_mean_axis0, tree_scale, tree_stack, tree_sub
+
+
+def loop_maml_loss(params, eps, lr, steps, first_order=False):
+    total = 0.0
+    for t in range(eps.support_x.shape[0]):
+        adapted = adapt(MSE_MLP, params, eps.support_x[t], eps.support_y[t], steps, lr, first_order)
+        total = total + MSE_MLP(adapted, eps.query_x[t], eps.query_y[t])
+    return total / eps.support_x.shape[0]
+
+
+@given(seed=st.integers(0, 10_000), tasks=st.integers(1, 4), steps=st.integers(0, 3))
+def test_maml_vmap_equals_loop(seed, tasks, steps):
+    params = small_mlp(seed)
+    eps = random_episodes(seed + 1, tasks=tasks)
+    loss, grads = maml_outer(MSE_MLP, params, eps, 0.05, steps)
+    loop_loss, loop_grads = mx.value_and_grad(lambda p: loop_maml_loss(p, eps, 0.05, steps))(params)
+    np.testing.assert_allclose(loss.item(), loop_loss.item(), rtol=1e-5)
+    assert_trees_close(grads, loop_grads, rtol=2e-4, atol=1e-5)
+
+
+def test_maml_zero_steps_is_plain_query_gradient():
+    params = small_mlp(1)
+    eps = random_episodes(2, tasks=3)
+
+    def pooled(p):
+        return sum(MSE_MLP(p, eps.query_x[t], eps.query_y[t]) for t in range(3)) / 3
+
+    loss, grads = maml_outer(MSE_MLP, params, eps, 0.1, 0)
+    ref_loss, ref_grads = mx.value_and_grad(pooled)(params)
+    np.testing.assert_allclose(loss.item(), ref_loss.item(), rtol=1e-6)
+    assert_trees_close(grads, ref_grads)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_maml_meta_gradient_matches_central_finite_differences(steps):
+    params = small_mlp(3, sizes=(1, 6, 6, 1), dtype=mx.float64)
+    eps = random_episodes(4, tasks=2, dtype=mx.float64)
+    lr = 0.1
+    objective = lambda p: maml_outer(MSE_MLP, p, eps, lr, steps)[0]  # noqa: E731
+    _, grads = maml_outer(MSE_MLP, params, eps, lr, steps)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        direction = tree_map(lambda x: mx.array(rng.standard_normal(x.shape), dtype=mx.float64), params)
+        eps_fd = 1e-5
+        plus = objective(tree_add(params, tree_scale(direction, eps_fd)))
+        minus = objective(tree_sub(params, tree_scale(direction, eps_fd)))
+        fd = (plus - minus).item() / (2 * eps_fd)
+        analytic = tree_dot(grads, direction).item()
+        np.testing.assert_allclose(analytic, fd, rtol=1e-6, atol=1e-9)
+
+
+def test_second_order_differs_from_first_order():
+    params = small_mlp(5)
+    eps = random_episodes(6, tasks=3)
+    _, g2 = maml_outer(MSE_MLP, params, eps, 0.3, 2)
+    _, g1 = fomaml_outer(MSE_MLP, params, eps, 0.3, 2)
+    deltas = [float(mx.abs(x - y).max().item()) for x, y in zip(tree_leaves(g1), tree_leaves(g2))]
+    assert max(deltas) > 1e-4
+
+
+def test_fomaml_is_query_gradient_at_adapted_params():
+    params = small_mlp(7)
+    eps = random_episodes(8, tasks=3)
+    _, grads = fomaml_outer(MSE_MLP, params, eps, 0.1, 2)
+    per_task = []
+    for t in range(3):
+        adapted = adapt(MSE_MLP, params, eps.support_x[t], eps.support_y[t], 2, 0.1)
+        per_task.append(mx.grad(MSE_MLP)(adapted, eps.query_x[t], eps.query_y[t]))
+    assert_trees_close(grads, tree_mean_axis0(tree_stack(per_task)), rtol=1e-4, atol=1e-6)
+
+
+@given(seed=st.integers(0, 10_000))
+def test_task_order_does_not_matter(seed):
+    params = small_mlp(seed)
+    eps = random_episodes(seed + 3, tasks=4)
+    perm = mx.array(np.random.default_rng(seed).permutation(4))
+    shuffled = Episode(*[x[perm] for x in eps])
+    l1, g1 = maml_outer(MSE_MLP, params, eps, 0.05, 2)
+    l2, g2 = maml_outer(MSE_MLP, params, shuffled, 0.05, 2)
+    np.testing.assert_allclose(l1.item(), l2.item(), rtol=1e-5)
+    assert_trees_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_equals_eager():
+    params = small_mlp(9)
+    eps = random_episodes(10, tasks=3)
+    fn = lambda p, e: maml_outer(MSE_MLP, p, e, 0.05, 3)  # noqa: E731
+    l1, g1 = fn(params, eps)
+    l2, g2 = mx.compile(fn)(params, eps)
+    np.testing.assert_allclose(l1.item(), l2.item(), rtol=1e-5)
+    assert_trees_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+def test_task_batched_loss_is_used_as_given():
+    params = small_mlp(11)
+    eps = random_episodes(12, tasks=2)
+    calls = []
+
+    def batched(p, x, y):
+        calls.append(x.shape)
+        return vmap_tasks(MSE_MLP).fn(p, x, y)
+
+    l1, g1 = maml_outer(task_batched(batched), params, eps, 0.05, 1)
+    l2, g2 = maml_outer(MSE_MLP, params, eps, 0.05, 1)
+    assert calls and all(s[0] == 2 for s in calls)
+    np.testing.assert_allclose(l1.item(), l2.item(), rtol=1e-6)
+    assert_trees_close(g1, g2)
+
+
+@given(seed=st.integers(0, 10_000), beta=st.floats(0.0, 1.0))
+def test_reptile_outer_on_segment(seed, beta):
+    params = small_mlp(seed)
+    adapted = tree_stack([small_mlp(seed + 1), small_mlp(seed + 2)])
+    new = reptile_outer(params, adapted, beta)
+    mean = tree_mean_axis0(adapted)
+    assert_trees_close(new, tree_add(params, tree_scale(tree_sub(mean, params), beta)), rtol=1e-5, atol=1e-6)
+    assert_trees_close(reptile_outer(params, adapted, 0.0), params, rtol=0, atol=0)
+
+
+def test_reptile_outer_lr_one_single_task_gives_adapted():
+    params = small_mlp(13)
+    adapted = small_mlp(14)
+    out = reptile_outer(params, tree_broadcast(adapted, 1), 1.0)
+    assert_trees_close(out, adapted, rtol=1e-6, atol=1e-7)
+
+
+def test_reptile_grad_is_theta_minus_mean_adapted():
+    params = small_mlp(15)
+    eps = random_episodes(16, tasks=2)
+    _, direction = reptile_grad(MSE_MLP, params, eps, 0.05, 3)
+    adapted = []
+    for t in range(2):
+        x = mx.concatenate([eps.support_x[t], eps.query_x[t]])
+        y = mx.concatenate([eps.support_y[t], eps.query_y[t]])
+        adapted.append(adapt(MSE_MLP, params, x, y, 3, 0.05))
+    expected = tree_sub(params, tree_mean_axis0(tree_stack(adapted)))
+    assert_trees_close(direction, expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="outer_lr"):
+        reptile_outer(params, tree_broadcast(params, 1), float("nan"))
+
+
+@given(seed=st.integers(0, 10_000), lr=st.floats(0.001, 0.2))
+def test_metasgd_with_constant_rates_equals_maml(seed, lr):
+    params = small_mlp(seed)
+    eps = random_episodes(seed + 5, tasks=2)
+    l1, g1 = metasgd_outer(MSE_MLP, metasgd_init(params, lr), eps, 2)
+    l2, g2 = maml_outer(MSE_MLP, params, eps, lr, 2)
+    np.testing.assert_allclose(l1.item(), l2.item(), rtol=1e-5)
+    assert_trees_close(g1.params, g2, rtol=1e-4, atol=1e-6)
+
+
+def test_metasgd_rate_gradient_matches_finite_differences():
+    params = small_mlp(17, sizes=(1, 5, 1), dtype=mx.float64)
+    eps = random_episodes(18, tasks=2, dtype=mx.float64)
+    meta = metasgd_init(params, 0.05)
+    _, grads = metasgd_outer(MSE_MLP, meta, eps, 2)
+    rng = np.random.default_rng(1)
+    v = tree_map(lambda x: mx.array(rng.standard_normal(x.shape), dtype=mx.float64), meta.lr)
+    h = 1e-6
+    f = lambda lr_tree: metasgd_outer(MSE_MLP, meta._replace(lr=lr_tree), eps, 2)[0].item()  # noqa: E731
+    fd = (f(tree_add(meta.lr, tree_scale(v, h))) - f(tree_sub(meta.lr, tree_scale(v, h)))) / (2 * h)
+    np.testing.assert_allclose(tree_dot(grads.lr, v).item(), fd, rtol=1e-5, atol=1e-9)
+
+
+def test_protonet_logits_are_negative_squared_distances_to_class_means():
+    rng = np.random.default_rng(0)
+    s = mx.array(rng.standard_normal((6, 3)), dtype=mx.float32)
+    sy = mx.array([0, 0, 1, 1, 2, 2])
+    q = mx.array(rng.standard_normal((4, 3)), dtype=mx.float32)
+    logits = np.array(protonet_logits(s, sy, q, 3))
+    protos = np.array(s).reshape(3, 2, 3).mean(axis=1)
+    expected = -((np.array(q)[:, None, :] - protos[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_name_the_argument():
+    params = small_mlp(0)
+    eps = random_episodes(1, tasks=2)
+    with pytest.raises(ValueError, match="inner_lr"):
+        maml_outer(MSE_MLP, params, eps, float("nan"), 1)
+    with pytest.raises(ValueError, match="steps"):
+        maml_outer(MSE_MLP, params, eps, 0.1, -1)
+    with pytest.raises(ValueError, match="episodes.query_x"):
+        maml_outer(MSE_MLP, params, eps._replace(query_x=eps.query_x[:1]), 0.1, 1)
+    with pytest.raises(ValueError, match="episodes.support_x"):
+        maml_outer(MSE_MLP, params, Episode(*[x[0] for x in eps]), 0.1, 1)
+    with pytest.raises((TypeError, TypeCheckError), match="episodes"):
+        maml_outer(MSE_MLP, params, tuple(eps), 0.1, 1)
+
+
+def test_typeguard_checks_public_annotations_during_tests():
+    with pytest.raises(TypeCheckError):
+        maml_outer(MSE_MLP, small_mlp(0), random_episodes(1), 0.1, "2")
