@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         # timing: round robin over runners, rotating the order each round
         times: dict[tuple[str, str], list[float]] = {(w.id, v): [] for w in workloads
                                                      for _, v in runners[w.id]}
+        cpu_times: dict[tuple[str, str], list[float]] = {k: [] for k in times}
         rounds = max(1, -(-args.repeats // args.batch))
         print(f".. timing: {rounds} rounds x {args.batch} calls", file=sys.stderr)
         for r in range(rounds):
@@ -257,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
                 rs = runners[w.id]
                 for f, v in rs[r % len(rs):] + rs[:r % len(rs)]:
                     time.sleep(args.pause_ms / 1e3)
-                    times[(w.id, v)] += procs[f].call(cmd="time", workload=w.id, variant=v, n=n,
-                                                      warm=1)["ms"]
+                    got = procs[f].call(cmd="time", workload=w.id, variant=v, n=n, warm=1)
+                    times[(w.id, v)] += got["ms"]
+                    cpu_times[(w.id, v)] += got["cpu_ms"]
             print(f"   round {r + 1}/{rounds}", file=sys.stderr)
     finally:
         for p in procs.values():
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             for f in frameworks:
                 print(f".. memory {w.id} {f}", file=sys.stderr)
                 for fw, v in runners[w.id]:
-                    if fw != f or v.endswith("-compiled"):
+                    if fw != f:
                         continue
                     p = Proc(f, worker_env(f, args.threads, extra), args.threads)
                     try:
@@ -286,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         for f, v in runners[w.id]:
             s = summarize(times[(w.id, v)])
             s["times_ms"] = [round(t, 4) for t in times[(w.id, v)]]
+            s["cpu_median_ms"] = statistics.median(cpu_times[(w.id, v)])
+            s["cpu_min_ms"] = min(cpu_times[(w.id, v)])
+            s["cpu_ms"] = [round(t, 4) for t in cpu_times[(w.id, v)]]
             s["ratio_vs_metafn"] = s["median_ms"] / base
             if "flops" in entry:
                 g = entry["flops"]["flops"] / (s["median_ms"] / 1e3) / 1e9
@@ -313,25 +318,27 @@ def print_table(report: dict) -> None:
         thr = {k: v for k, v in info.get("threads", {}).items() if v is not None}
         extra = f", BLAS {os.path.basename(info['blas'])}" if info.get("blas") else ""
         print(f"  {f:7s} {g['gflops_median']:7.1f} GFLOP/s (best {g['gflops_best']:.1f}){extra}; threads {thr}")
-    hdr = (f"\n{'wl':3s} {'runner':16s} {'median ms':>10s} {'min':>9s} {'max':>9s} {'peak MB':>8s} "
-           f"{'x metafn':>9s} {'GFLOP/s':>8s} {'%GEMM':>6s}")
+    hdr = (f"\n{'wl':3s} {'runner':16s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'cpu ms':>8s} "
+           f"{'peak MB':>8s} {'x metafn':>8s} {'GFLOP/s':>8s} {'%GEMM':>6s}")
     print(hdr)
     print("-" * (len(hdr) - 1))
     for wid, e in report["workloads"].items():
         for v, r in e["runners"].items():
-            mem = r.get("memory", {})
-            mb = mem.get("mlx_peak_mb", mem.get("peak_rss_delta_mb"))
+            mb = r.get("memory", {}).get("peak_rss_delta_mb")
             mb_s = f"{mb:8.1f}" if mb is not None else f"{'-':>8s}"
             gf = f"{r['gflops']:8.2f} {100 * r['gemm_fraction']:5.1f}%" if "gflops" in r else ""
-            print(f"{wid:3s} {v:16s} {r['median_ms']:10.2f} {r['min_ms']:9.2f} {r['max_ms']:9.2f} "
-                  f"{mb_s} {r['ratio_vs_metafn']:9.2f} {gf}")
+            print(f"{wid:3s} {v:16s} {r['median_ms']:10.2f} {r['min_ms']:8.2f} {r['max_ms']:8.2f} "
+                  f"{r['cpu_median_ms']:8.2f} {mb_s} {r['ratio_vs_metafn']:8.2f} {gf}")
         if "flops" in e:
             x = e["flops"].get("xla_cost_analysis_flops")
             xs = f" (XLA cost analysis: {x / 1e6:.1f} MFLOP)" if x else ""
             print(f"    {wid}: {e['flops']['flops'] / 1e6:.1f} MFLOP per step, analytic matmul count{xs}")
-    print("\nx metafn = runner median / metafn (eager) median (> 1: metafn faster). peak MB: "
-          "metafn = mx.get_peak_memory(); jax/torch = peak RSS minus RSS before build "
-          "(fresh process, includes compilation).")
+    print("\nmedian/min/max: wall-clock ms per step; cpu ms: median process CPU time per step (all "
+          "threads; robust to other load for 1 thread, includes spin-waiting for several). x metafn "
+          "= median / metafn (eager) median: > 1 means metafn is faster. GFLOP/s from the median "
+          "and the FLOP count; %GEMM = that over the framework's 2048^3 GEMM rate. peak MB: peak "
+          "RSS (getrusage) of build + 8 calls in a fresh process minus RSS before build (JAX: "
+          "includes XLA compilation); MLX's own array peak (mx.get_peak_memory) is in the JSON.")
     for wid, why in report.get("skipped", {}).items():
         print(f"skipped {wid}: {why}")
 

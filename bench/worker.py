@@ -82,8 +82,9 @@ class Worker:
             np.savez(msg["out"], loss=np.float64(loss), **{f"g{i}": g for i, g in enumerate(leaves)})
             return {"path": msg["out"]}
         if cmd == "time":
-            return {"ms": self._time(self.runners[(msg["workload"], msg["variant"])],
-                                     msg["n"], msg.get("warm", 1))}
+            ms, cpu_ms = self._time(self.runners[(msg["workload"], msg["variant"])],
+                                    msg["n"], msg.get("warm", 1))
+            return {"ms": ms, "cpu_ms": cpu_ms}
         if cmd == "memory":
             return self._memory(msg)
         if cmd == "cost_flops":
@@ -115,20 +116,23 @@ class Worker:
         return {"variants": list(runners), "build_s": build_s, "first_call_ms": first}
 
     @staticmethod
-    def _time(runner, n: int, warm: int) -> list[float]:
+    def _time(runner, n: int, warm: int) -> tuple[list[float], list[float]]:
+        """Wall-clock and process CPU time (all threads) of ``n`` calls, in ms."""
         for _ in range(warm):
             runner.run()
         gc.collect()
         gc.disable()
         try:
-            ts = []
+            ts, cs = [], []
             for _ in range(n):
+                c = time.process_time()
                 t = time.perf_counter()
                 runner.run()
                 ts.append((time.perf_counter() - t) * 1e3)
+                cs.append((time.process_time() - c) * 1e3)
         finally:
             gc.enable()
-        return ts
+        return ts, cs
 
     def _memory(self, msg: dict) -> dict:
         """Peak RSS of building and running one workload in this (fresh) process, minus the RSS
@@ -153,6 +157,14 @@ class Worker:
         out = {"peak_rss_delta_mb": (peak_kb - base) / 1024, "rss_before_mb": before_kb / 1024,
                "peak_rss_mb": peak_kb / 1024, "hwm_reset": reset}
         out.update(self.mod.framework_peak_mb())
+        # steady state: peak over further calls above the RSS after compilation/first calls
+        # (memory the allocators kept from earlier calls is already in the baseline)
+        if reset and _reset_hwm():
+            mid_kb = _rss_kb()
+            for _ in range(msg.get("reps", 4)):
+                runner.run()
+            out["steady_peak_rss_delta_mb"] = (
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - mid_kb) / 1024
         return out
 
 

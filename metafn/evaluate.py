@@ -123,14 +123,14 @@ def select_lr(
     score: Callable[[float], tuple[np.ndarray, np.ndarray | None]],
     candidates: tuple[float, ...],
     classification: bool,
-) -> tuple[float, dict[str, float]]:
+) -> tuple[float, dict[str, float], dict[str, list[float]]]:
     """The candidate rate with the best final-step validation score (max accuracy / min loss).
 
-    ``score(lr)`` returns the validation curves for that rate; returns the chosen rate and every
-    candidate's final-step score.
+    ``score(lr)`` returns the validation curves for that rate. Returns the chosen rate, every
+    candidate's final-step score, and the chosen rate's mean validation curve(s) per step.
     """
     table: dict[str, float] = {}
-    best, best_val = None, None
+    best, best_val, best_curve = None, None, {}
     for lr in candidates:
         loss, acc = score(lr)
         value = float(acc[-1].mean()) if classification else float(loss[-1].mean())
@@ -140,8 +140,11 @@ def select_lr(
         better = best_val is None or (value > best_val if classification else value < best_val)
         if better:
             best, best_val = lr, value
+            best_curve = {"loss_mean": loss.mean(axis=1).tolist()}
+            if acc is not None:
+                best_curve["accuracy_mean"] = acc.mean(axis=1).tolist()
     assert best is not None
-    return best, table
+    return best, table, best_curve
 
 
 def summarize_curve(loss: np.ndarray, acc: np.ndarray | None) -> dict[str, Any]:

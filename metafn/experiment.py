@@ -6,7 +6,6 @@ kind, and a task sampler. :func:`meta_gradient` turns it and an algorithm config
 meta-parameters (the initialization, plus inner rates for Meta-SGD).
 """
 
-from __future__ import annotations
 
 from typing import Callable, NamedTuple
 

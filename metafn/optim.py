@@ -11,7 +11,6 @@ training state checkpoints and resumes exactly and a meta-step compiles with ``m
 Learning rates are a float or a schedule ``step -> lr`` (an ``mx.array`` step count).
 """
 
-from __future__ import annotations
 
 import math
 from typing import Callable, NamedTuple

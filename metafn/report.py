@@ -66,12 +66,12 @@ def evaluate_methods(
     for name, (meta, kind) in methods.items():
         t0 = time.perf_counter()
         if kind == "protonet":
-            lr, table, steps = None, {}, 0
+            lr, table, val_curve, steps = None, {}, {}, 0
         elif kind == "metasgd":
-            lr, table, steps = None, {}, ev.steps
+            lr, table, val_curve, steps = None, {}, {}, ev.steps
         else:
             candidates = tuple(sorted(set(ev.finetune_lrs) | {config.algorithm.inner_lr}))
-            lr, table = select_lr(
+            lr, table, val_curve = select_lr(
                 lambda r: curve_over_tasks(exp, meta, fold_in(run_key, SELECT_STREAM), "val",
                                            ev.select_tasks, ev.steps, r, ev.chunk),
                 candidates, exp.classification,
@@ -81,7 +81,8 @@ def evaluate_methods(
         loss, acc = curve_over_tasks(exp, meta, fold_in(run_key, TEST_STREAM), "test", ev.n_tasks,
                                      steps, lr, ev.chunk, scorer)
         summary = summarize_curve(loss, acc)
-        summary.update({"finetune_lr": lr, "lr_selection_val": table, "steps": list(range(steps + 1)),
+        summary.update({"finetune_lr": lr, "lr_selection_val": table,
+                        "val_curve_at_chosen_lr": val_curve, "steps": list(range(steps + 1)),
                         "eval_seconds": time.perf_counter() - t0})
         results[name] = summary
         head = summary.get("accuracy_mean", summary["loss_mean"])

@@ -1,7 +1,10 @@
 """The workloads in metafn, through its public functions only.
 
-Variants: ``metafn`` (eager, exactly what a user writes) and ``metafn-compiled`` (the same call
-wrapped in ``mx.compile``; its first call traces and compiles, timings are steady state).
+Variants: ``metafn`` (eager, exactly what a user writes), ``metafn-compiled`` (the same call
+wrapped in ``mx.compile``; its first call traces and compiles, timings are steady state) and
+``metafn-streams2`` (the task batch split in two halves, each half's ``maml_outer`` /
+``reptile_grad`` built and evaluated on its own MLX CPU stream -- every stream runs on its own
+thread, so the halves use both cores -- and the results averaged by task count: the same mean).
 
 ``import metafn`` must come before any mlx import (fast BLAS preload, see metafn/_blas.py); the
 worker imports this module first in a fresh process.
@@ -26,7 +29,35 @@ from metafn.tasks.episode import Episode
 from metafn.tree import tree_map
 
 NAME = "metafn"
-VARIANTS = ("metafn", "metafn-compiled")
+VARIANTS = ("metafn", "metafn-compiled", "metafn-streams2")
+_STREAMS: list = []
+
+
+def cpu_streams(n: int) -> list:
+    """``n`` extra MLX CPU streams (each runs its ops on its own thread), created once."""
+    while len(_STREAMS) < n:
+        _STREAMS.append(mx.new_stream(mx.cpu))
+    return _STREAMS[:n]
+
+
+def split_over_streams(step, n: int):
+    """``step(p, sx, sy, qx, qy) -> tree`` whose leaves are means over tasks, run on ``n``
+    contiguous chunks of the task axis, each on its own CPU stream; the chunk results are
+    combined weighted by chunk size, which is the exact mean over all tasks."""
+    streams = cpu_streams(n)
+
+    def fn(p, sx, sy, qx, qy):
+        t = sx.shape[0]
+        cuts = [round(i * t / n) for i in range(n + 1)]
+        outs = []
+        for i, s in enumerate(streams):
+            a, b = cuts[i], cuts[i + 1]
+            with mx.stream(s):
+                outs.append(step(p, sx[a:b], sy[a:b], qx[a:b], qy[a:b]))
+        wts = [(cuts[i + 1] - cuts[i]) / t for i in range(n)]
+        return tree_map(lambda *xs: sum(wi * x for wi, x in zip(wts, xs)), *outs)
+
+    return fn
 
 
 def setup(threads: int | None) -> None:
@@ -84,9 +115,11 @@ def _mlp_maml(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
                           first_order=w.first_order)
 
     compiled = mx.compile(step_fn)
+    split = split_over_streams(step_fn, 2)
     return {
         "metafn": Runner(lambda: step_fn(params, *ep), _block, _to_numpy),
         "metafn-compiled": Runner(lambda: compiled(params, *ep), _block, _to_numpy),
+        "metafn-streams2": Runner(lambda: split(params, *ep), _block, _to_numpy),
     }
 
 
@@ -96,15 +129,24 @@ def _mlp_reptile(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
     ep = Episode(*(mx.array(ep_np[k]) for k in ("sx", "sy", "qx", "qy")))
     loss_fn = mse_loss(mlp_apply)
 
-    def step_fn(p, sx, sy, qx, qy):
-        loss, g = reptile_grad(loss_fn, p, Episode(sx, sy, qx, qy), w.inner_lr, w.steps)
-        new = tree_map(lambda a, d: a - w.outer_lr * d, p, g)  # sgd(beta) == reptile_outer
-        return loss, g, new
+    def pair(p, sx, sy, qx, qy):
+        return reptile_grad(loss_fn, p, Episode(sx, sy, qx, qy), w.inner_lr, w.steps)
 
+    def with_update(pair_fn):
+        def step_fn(p, sx, sy, qx, qy):
+            loss, g = pair_fn(p, sx, sy, qx, qy)
+            new = tree_map(lambda a, d: a - w.outer_lr * d, p, g)  # sgd(beta) == reptile_outer
+            return loss, g, new
+
+        return step_fn
+
+    step_fn = with_update(pair)
     compiled = mx.compile(step_fn)
+    split = with_update(split_over_streams(pair, 2))
     return {
         "metafn": Runner(lambda: step_fn(params, *ep), _block, _to_numpy),
         "metafn-compiled": Runner(lambda: compiled(params, *ep), _block, _to_numpy),
+        "metafn-streams2": Runner(lambda: split(params, *ep), _block, _to_numpy),
     }
 
 

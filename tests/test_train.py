@@ -1,0 +1,157 @@
+"""Meta-training driver: exact resume (also after SIGKILL), NaN handling, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import metafn  # noqa: F401
+import mlx.core as mx
+import numpy as np
+import pytest
+import yaml
+
+from helpers import assert_trees_equal
+from metafn.checkpoint import load_checkpoint, read_metadata
+from metafn.config import config_from_dict
+from metafn.train import TrainingDiverged, train
+from metafn.tree import tree_all_finite
+
+SMALL = {
+    "name": "tiny",
+    "seed": 3,
+    "task": {"family": "sine", "k_shot": 5, "n_query": 5},
+    "model": {"hidden": [16, 16]},
+    "algorithm": {"name": "maml", "inner_lr": 0.01, "inner_steps": 1},
+    "train": {"steps": 20, "meta_batch_size": 4, "log_interval": 2, "eval_interval": 5,
+              "save_interval": 5, "val_tasks": 8, "compile": False},
+    "eval": {"n_tasks": 20, "steps": 2, "select_tasks": 10, "chunk": 10, "finetune_lrs": [0.01]},
+}
+
+
+def small_config(**train_overrides):
+    data = json.loads(json.dumps(SMALL))
+    data["train"].update(train_overrides)
+    return config_from_dict(data)
+
+
+def strip_times(lines):
+    return [json.loads(ln) for ln in lines]
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "reptile", "metasgd"])
+def test_interrupted_run_resumes_to_identical_parameters(tmp_path, algorithm):
+    data = json.loads(json.dumps(SMALL))
+    data["algorithm"]["name"] = algorithm
+    config = config_from_dict(data)
+    full, _ = train(config, tmp_path / "full", progress=False, log=lambda s: None)
+    part, _ = train(config, tmp_path / "part", progress=False, stop_after=8, log=lambda s: None)
+    assert int(part.step.item()) == 8
+    resumed, _ = train(config, tmp_path / "part", progress=False, log=lambda s: None)
+    assert int(resumed.step.item()) == 20
+    assert_trees_equal(resumed.meta, full.meta)
+    assert_trees_equal(resumed.opt_state, full.opt_state)
+    logs = [strip_times((tmp_path / d / "metrics.jsonl").read_text().splitlines()) for d in ("full", "part")]
+    assert logs[0] == logs[1]
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    data = json.loads(json.dumps(SMALL))
+    data["train"].update(steps=400, save_interval=20, eval_interval=100, log_interval=20)
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    cmd = [sys.executable, "-m", "metafn.cli", "train", "--config", str(cfg_path), "--no-eval",
+           "--no-progress"]
+    full = subprocess.run(cmd + ["--out", str(tmp_path / "full")], capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr
+    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "last.safetensors"
+    deadline = time.time() + 120
+    while time.time() < deadline and not last.exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_at_kill = read_metadata(last)["step"]
+    assert 0 < step_at_kill <= 400
+    again = subprocess.run(cmd + ["--out", str(tmp_path / "killed")], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    a = mx.load(str(tmp_path / "full" / "last.safetensors"))
+    b = mx.load(str(tmp_path / "killed" / "last.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    config = small_config(optimizer="sgd", outer_lr=1e6, steps=50)
+    with pytest.raises(TrainingDiverged, match="step"):
+        train(config, tmp_path, progress=False, log=lambda s: None)
+    meta = read_metadata(tmp_path / "last.safetensors")
+    assert "diverged_at" in meta and meta["step"] == meta["diverged_at"]
+    from metafn.experiment import build_experiment
+    from metafn.optim import sgd
+    from metafn.train import TrainState, init_train_state, make_optimizer
+
+    template = init_train_state(build_experiment(config), config, make_optimizer(config))
+    state, _ = load_checkpoint(tmp_path / "last.safetensors", template)
+    assert tree_all_finite(state.meta)
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    train(small_config(steps=5), tmp_path, progress=False, log=lambda s: None)
+    with pytest.raises(ValueError, match="different config"):
+        train(small_config(steps=6), tmp_path, progress=False, log=lambda s: None)
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "metafn.cli", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def test_cli_train_eval_writes_results(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(SMALL))
+    out = tmp_path / "run"
+    res = run_cli("train", "--config", str(cfg), "--out", str(out), "--no-progress")
+    assert res.returncode == 0, res.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"maml", "random_init", "pooled"}
+    m = results["methods"]["maml"]
+    assert len(m["loss_mean"]) == 3 and m["n_tasks"] == 20 and all(c >= 0 for c in m["loss_ci95"])
+    assert (out / "metrics.jsonl").exists() and (out / "best.json").exists()
+    res = run_cli("eval", "--checkpoint", str(out / "best.safetensors"), "--out", str(tmp_path / "ev"),
+                  "--n-tasks", "10", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["methods"]["maml"]["n_tasks"] == 10
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("task: {family: sine, k_shot: 0}", "task.k_shot"),
+        ("task: {family: sinus}", "task.family"),
+        ("algorithm: {name: mamal}", "algorithm.name"),
+        ("algorithm: {inner_lr: .nan}", "algorithm.inner_lr"),
+        ("train: {stepz: 3}", "train.stepz: unknown key"),
+        ("train: {steps: ten}", "train.steps"),
+        ("task: [unclosed", "not valid YAML"),
+        ("- just\n- a list", "expected a mapping"),
+    ],
+)
+def test_cli_bad_config_gets_clear_error(tmp_path, text, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    res = run_cli("validate", "--config", str(cfg))
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+def test_cli_validate_shipped_configs():
+    for path in sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
+        res = run_cli("validate", "--config", str(path))
+        assert res.returncode == 0, (path, res.stdout, res.stderr)
