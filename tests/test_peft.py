@@ -217,7 +217,7 @@ def test_qlora_skips_unquantizable_layers():
 
 
 @given(
-    init_r=st.integers(2, 6), target_frac=st.floats(0.0, 1.0), total=st.integers(6, 30),
+    init_r=st.integers(2, 6), target_frac=st.floats(0.0, 1.0), total=st.integers(7, 30),
     tinit=st.integers(0, 3), tfinal=st.integers(0, 3), delta_t=st.integers(1, 4),
     seed=st.integers(0, 1000),
 )
@@ -410,3 +410,33 @@ def test_no_hidden_state_inputs_unchanged(tiny_bert):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         peft.lora_init(mx.random.key(0), params, cfg)
+
+
+def test_lora_vmap_over_tasks_and_second_order(tiny_bert):
+    """What meta-learning the adapter needs: vmap over a task axis and MAML's nested grad."""
+    from metafn.tree import tree_add, tree_broadcast, tree_dot, tree_map, tree_scale
+
+    params, _, _ = tiny_bert
+    cfg = peft.LoraConfig(r=2)
+    ad = tree_map_random(peft.lora_init(mx.random.key(0), params, cfg), 4)
+    ad = tree_scale(ad, 0.1)
+    ids = mx.random.randint(1, 50, (3, 4, 5), key=mx.random.key(5))
+    mask = mx.ones((3, 4, 5), dtype=mx.int32)
+    w = mx.random.normal((64,), key=mx.random.key(6))
+
+    def f(a, i, m):
+        return mx.sum(peft.lora_apply(params, a, cfg, embed, i, m, unmerged=True) @ w)
+
+    batched = mx.vmap(f)(tree_broadcast(ad, 3), ids, mask)
+    loop = mx.stack([f(ad, ids[t], mask[t]) for t in range(3)])
+    assert close(batched, loop, 1e-5)
+
+    def maml(a):
+        g = mx.grad(lambda a: f(a, ids[0], mask[0]))(a)
+        return f(tree_map(lambda x, y: x - 0.05 * y, a, g), ids[1], mask[1])
+
+    d = tree_map_random(ad, 7)
+    analytic = tree_dot(mx.grad(maml)(ad), d).item()
+    eps = 1e-3
+    fd = ((maml(tree_add(ad, tree_scale(d, eps))) - maml(tree_add(ad, tree_scale(d, -eps)))) / (2 * eps)).item()
+    assert abs(fd - analytic) <= 1e-2 * max(1.0, abs(analytic))

@@ -333,9 +333,9 @@ def bert_load(
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model_dir: {str(model_dir)!r} is not a directory")
     cfg_dict = _read_json(_require(model_dir, "config.json"))
-    if cfg_dict.get("model_type", "bert") not in ("bert", "roberta", "xlm-roberta"):
+    if cfg_dict.get("model_type", "bert") != "bert":
         warnings.warn(f"model_dir: model_type {cfg_dict.get('model_type')!r} is not BERT; "
-                      f"loading it as a BERT encoder", stacklevel=2)
+                      f"loading it as a BERT encoder (absolute positions from 0, post-LN)", stacklevel=2)
     cfg_dict.update(_sentence_head(model_dir))
     config = bert_config_from_dict(cfg_dict)
     hint = (" (found pytorch_model.bin: convert it to safetensors first)"
@@ -356,6 +356,8 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -385,6 +387,8 @@ def bert_save(
     os.close(fd)
     try:
         mx.save_safetensors(tmp, hf, metadata={"format": "pt"})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, out / "model.safetensors")
     finally:
         if os.path.exists(tmp):

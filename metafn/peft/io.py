@@ -7,10 +7,12 @@ An adapter directory holds (like Hugging Face peft's):
   file's metadata (``metafn_tree``), so any nesting of dicts / lists / tuples round-trips;
 - ``adapter_config.json``: ``{"peft_type", "metafn_method", "config": {...}, "metafn_version"}``.
 
-Each file is written to a temporary file in the same directory and moved into place with
-``os.replace`` (readers never see a half-written file). Arrays round-trip bit for bit, dtype
+Each file is written to a temporary file in the same directory, fsynced, and moved into place
+with ``os.replace`` (readers never see a half-written file). Arrays round-trip bit for bit, dtype
 included. A merged model (``lora_merge`` etc.) is a plain tree: :func:`save_tree` /
-:func:`load_tree` (or :func:`metafn.nn.bert.bert_save` for a Hugging Face directory).
+:func:`load_tree` store it self-describingly (no template needed, unlike
+:func:`metafn.checkpoint.load_checkpoint`); :func:`metafn.nn.bert.bert_save` writes a Hugging
+Face directory.
 """
 
 from __future__ import annotations
@@ -114,6 +116,8 @@ def _atomic(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

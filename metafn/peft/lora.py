@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import mlx.core as mx
 
-from metafn.tree import PyTree
+from metafn.tree import PyTree, tree_count
 
 __all__ = [
     "LoraConfig", "Adapter", "DenseInfo", "dense_modules", "match_targets", "select_targets",
@@ -412,6 +412,4 @@ def lora_apply(
 
 def lora_num_params(adapter: Adapter) -> int:
     """Number of trainable scalars in an adapter (``sum r (d_in + d_out)`` for LoRA)."""
-    from metafn.tree import tree_count
-
     return tree_count(adapter)
