@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                 for v in b["variants"]:
                     runners[w.id].append((f, v))
                     entry["runners"][v] = {"framework": f, "first_call_ms": b["first_call_ms"][v]}
+                    if b.get("notes", {}).get(v):
+                        entry["runners"][v]["note"] = b["notes"][v]
+                        print(f"   note {w.id} {v}: {b['notes'][v]}", file=sys.stderr)
             if "jax" in procs and fl:
                 xf = procs["jax"].call(cmd="cost_flops", workload=w.id, data=data_paths[w.id])["flops"]
                 if xf:
@@ -315,7 +318,8 @@ def print_table(report: dict) -> None:
     print("\nGEMM 2048x2048 float32 (median of 5):")
     for f, info in report["frameworks"].items():
         g = info["gemm_2048"]
-        thr = {k: v for k, v in info.get("threads", {}).items() if v is not None}
+        thr = {k: v for k, v in info.get("threads", {}).items()
+               if v is not None and k != "openblas_config"}
         extra = f", BLAS {os.path.basename(info['blas'])}" if info.get("blas") else ""
         print(f"  {f:7s} {g['gflops_median']:7.1f} GFLOP/s (best {g['gflops_best']:.1f}){extra}; threads {thr}")
     hdr = (f"\n{'wl':3s} {'runner':16s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'cpu ms':>8s} "

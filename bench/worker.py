@@ -113,7 +113,9 @@ class Worker:
             first[name] = (time.perf_counter() - t) * 1e3
             self.runners[(w.id, name)] = r
         self.first_call_ms[w.id] = first
-        return {"variants": list(runners), "build_s": build_s, "first_call_ms": first}
+        notes = {n: r.note for n, r in runners.items() if getattr(r, "note", "")}
+        return {"variants": list(runners), "build_s": build_s, "first_call_ms": first,
+                "notes": notes}
 
     @staticmethod
     def _time(runner, n: int, warm: int) -> tuple[list[float], list[float]]:

@@ -59,14 +59,10 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(path: str, overrides: list[str]) -> "metafn.config.Config":
-    config = load_config(path)
-    if not overrides:
-        return config
-    from metafn.config import config_to_dict
+def _with_overrides(data: dict, overrides: list[str]) -> "metafn.config.Config":
+    """Apply ``KEY=VALUE`` overrides (YAML values, dotted keys) to config data and validate."""
     import yaml
 
-    data = config_to_dict(config)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set: expected KEY=VALUE (e.g. train.steps=100), got {item!r}")
@@ -79,6 +75,13 @@ def _load(path: str, overrides: list[str]) -> "metafn.config.Config":
             node = node[part]
         node[parts[-1]] = yaml.safe_load(raw)
     return config_from_dict(data)
+
+
+def _load(path: str, overrides: list[str]) -> "metafn.config.Config":
+    from metafn.config import config_to_dict
+
+    config = load_config(path)
+    return _with_overrides(config_to_dict(config), overrides) if overrides else config
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -126,9 +129,11 @@ def _eval(args: argparse.Namespace) -> int:
     meta_json = read_metadata(ckpt)
     if "config" not in meta_json:
         raise ConfigError(f"--checkpoint: {ckpt} has no config metadata (not written by metafn train)")
-    config = config_from_dict(meta_json["config"])
+    config = _with_overrides(meta_json["config"], args.set)
     if args.n_tasks:
         config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, n_tasks=args.n_tasks))
+    if args.no_baselines:
+        config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, baselines=False))
     meta = load_meta(config, ckpt)
     out = Path(args.out or ckpt.parent)
     run_evaluation(config, out, meta, None, progress=not args.no_progress)
@@ -188,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="best.safetensors or last.safetensors of a run")
     p.add_argument("--out", help="output directory (default: the checkpoint's)")
     p.add_argument("--n-tasks", type=int, help="override eval.n_tasks")
+    p.add_argument("--no-baselines", action="store_true", help="evaluate the checkpoint only")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an eval.* value of the run's config, e.g. --set eval.budgets=[1,5]")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_eval)
     p = sub.add_parser("bench", help="time meta-training steps of a config (ms per meta-step)")

@@ -78,11 +78,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    """The meta-learning algorithm and its inner loop."""
+    """The meta-learning algorithm and its inner loop.
+
+    ``multi_step_loss`` (maml, fomaml, metasgd): average the query loss after every inner step
+    (MAML++, Antoniou et al. 2019) instead of using only the last.
+    """
 
     name: str = "maml"
     inner_lr: float = 0.01
     inner_steps: int = 1
+    multi_step_loss: bool = False
 
     def __post_init__(self) -> None:
         _require(self.name in ALGORITHMS, "algorithm.name", f"one of {list(ALGORITHMS)}", self.name)
@@ -120,10 +125,17 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Held-out evaluation: adaptation curves over ``n_tasks`` test tasks with baselines."""
+    """Held-out evaluation: adaptation curves over ``n_tasks`` test tasks with baselines.
+
+    Curves run to ``steps`` fine-tuning steps. For each adaptation budget in ``budgets``
+    (default: ``[steps]``) every method's fine-tuning rate is chosen on ``select_tasks``
+    validation tasks by its score after that many steps, and the test figure after that many
+    steps is reported at that rate.
+    """
 
     n_tasks: int = 1000
     steps: int = 10
+    budgets: tuple[int, ...] | None = None
     finetune_lrs: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1)
     select_tasks: int = 200
     baselines: bool = True
@@ -133,6 +145,10 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _require(self.n_tasks >= 1, "eval.n_tasks", "an int >= 1", self.n_tasks)
         _require(self.steps >= 0, "eval.steps", "an int >= 0", self.steps)
+        if self.budgets is not None:
+            _require(len(self.budgets) >= 1 and all(0 <= b <= self.steps for b in self.budgets),
+                     "eval.budgets", f"null or a list of ints in [0, eval.steps={self.steps}]",
+                     list(self.budgets))
         _require(len(self.finetune_lrs) >= 1 and all(math.isfinite(x) and x > 0 for x in self.finetune_lrs),
                  "eval.finetune_lrs", "a non-empty list of finite floats > 0", list(self.finetune_lrs))
         _require(self.select_tasks >= 1, "eval.select_tasks", "an int >= 1", self.select_tasks)

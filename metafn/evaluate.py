@@ -120,31 +120,29 @@ def curve_over_tasks(
 
 
 def select_lr(
-    score: Callable[[float], tuple[np.ndarray, np.ndarray | None]],
-    candidates: tuple[float, ...],
+    val_curves: dict[float, tuple[np.ndarray, np.ndarray | None]],
+    at_step: int,
     classification: bool,
-) -> tuple[float, dict[str, float], dict[str, list[float]]]:
-    """The candidate rate with the best final-step validation score (max accuracy / min loss).
+) -> tuple[float, dict[str, float]]:
+    """The rate whose validation curve is best after ``at_step`` steps.
 
-    ``score(lr)`` returns the validation curves for that rate. Returns the chosen rate, every
-    candidate's final-step score, and the chosen rate's mean validation curve(s) per step.
+    ``val_curves`` maps each candidate rate to its validation ``(loss, accuracy)`` curves
+    ``(S+1, n_tasks)``. Best is the highest mean accuracy (classification) or the lowest mean
+    loss (regression); a non-finite mean (a task diverged) ranks last. Returns the rate and
+    every candidate's score at that step.
     """
     table: dict[str, float] = {}
-    best, best_val, best_curve = None, None, {}
-    for lr in candidates:
-        loss, acc = score(lr)
-        value = float(acc[-1].mean()) if classification else float(loss[-1].mean())
+    best, best_val = None, None
+    for lr, (loss, acc) in val_curves.items():
+        value = float(acc[at_step].mean()) if classification else float(loss[at_step].mean())
         if not math.isfinite(value):
             value = -math.inf if classification else math.inf
         table[repr(lr)] = value
-        better = best_val is None or (value > best_val if classification else value < best_val)
-        if better:
+        if best_val is None or (value > best_val if classification else value < best_val):
             best, best_val = lr, value
-            best_curve = {"loss_mean": loss.mean(axis=1).tolist()}
-            if acc is not None:
-                best_curve["accuracy_mean"] = acc.mean(axis=1).tolist()
-    assert best is not None
-    return best, table, best_curve
+    if best is None:
+        raise ValueError("val_curves: expected at least one candidate rate")
+    return best, table
 
 
 def summarize_curve(loss: np.ndarray, acc: np.ndarray | None) -> dict[str, Any]:

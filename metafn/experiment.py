@@ -118,10 +118,11 @@ def meta_gradient(
     """
     losses = task_losses(exp)
     name, lr, steps = algorithm.name, algorithm.inner_lr, algorithm.inner_steps
+    weights = (1.0,) * steps if algorithm.multi_step_loss and steps > 0 else None
     if name == "maml":
-        return lambda meta, eps: maml_outer(losses, meta, eps, lr, steps)
+        return lambda meta, eps: maml_outer(losses, meta, eps, lr, steps, step_weights=weights)
     if name == "fomaml":
-        return lambda meta, eps: maml_outer(losses, meta, eps, lr, steps, first_order=True)
+        return lambda meta, eps: maml_outer(losses, meta, eps, lr, steps, True, weights)
     if name == "reptile":
         return lambda meta, eps: reptile_grad(losses, meta, eps, lr, steps)
     if name == "metasgd":

@@ -95,6 +95,17 @@ def _check(params: PyTree, episodes: Episode, inner_lr: LearningRate, steps: int
     return tasks
 
 
+def _check_step_weights(step_weights: tuple[float, ...] | None, steps: int) -> None:
+    if step_weights is None:
+        return
+    if len(step_weights) != steps or steps == 0:
+        raise ValueError(
+            f"step_weights: expected one weight per inner step ({steps}), got {len(step_weights)}"
+        )
+    if any(not (w >= 0) for w in step_weights) or sum(step_weights) <= 0:
+        raise ValueError(f"step_weights: expected non-negative weights with a positive sum, got {step_weights}")
+
+
 def _maml_objective(
     loss_fn: LossFn | BatchedLoss,
     episodes: Episode,
@@ -102,6 +113,7 @@ def _maml_objective(
     params_of: Callable[[PyTree], PyTree],
     steps: int,
     first_order: bool,
+    step_weights: tuple[float, ...] | None = None,
 ) -> Callable[[PyTree], mx.array]:
     batched = vmap_tasks(loss_fn)
     sx, sy, qx, qy = episodes
@@ -109,8 +121,16 @@ def _maml_objective(
 
     def objective(meta: PyTree) -> mx.array:
         params_t = tree_broadcast(params_of(meta), tasks)
-        adapted = batched_adapt(batched, params_t, sx, sy, steps, inner_lr_of(meta), first_order)
-        return mx.mean(batched.fn(adapted, qx, qy))
+        lr = inner_lr_of(meta)
+        if step_weights is None:
+            adapted = batched_adapt(batched, params_t, sx, sy, steps, lr, first_order)
+            return mx.mean(batched.fn(adapted, qx, qy))
+        total = 0.0
+        for w in step_weights:
+            params_t = batched_adapt(batched, params_t, sx, sy, 1, lr, first_order)
+            if w:
+                total = total + w * mx.mean(batched.fn(params_t, qx, qy))
+        return total / sum(step_weights)
 
     return objective
 
@@ -122,14 +142,21 @@ def maml_outer(
     inner_lr: LearningRate,
     steps: int,
     first_order: bool = False,
+    step_weights: tuple[float, ...] | None = None,
 ) -> tuple[mx.array, PyTree]:
     """MAML meta-loss and meta-gradient ``(L_meta(theta), grad L_meta(theta))`` over ``T`` tasks.
 
     Second order by default (nested ``mx.grad`` through the inner updates); ``first_order=True``
     is FOMAML. With ``steps=0`` it is the plain gradient of the mean query loss.
+    ``step_weights`` (one per inner step) gives MAML++'s multi-step loss (Antoniou et al. 2019):
+    ``L_meta = sum_k w_k mean_t L_query_t(theta^k_t) / sum_k w_k``, the query loss after every
+    inner step rather than only the last.
     """
     _check(params, episodes, inner_lr, steps)
-    objective = _maml_objective(loss_fn, episodes, lambda _: inner_lr, lambda p: p, steps, first_order)
+    _check_step_weights(step_weights, steps)
+    objective = _maml_objective(
+        loss_fn, episodes, lambda _: inner_lr, lambda p: p, steps, first_order, step_weights
+    )
     return mx.value_and_grad(objective)(params)
 
 

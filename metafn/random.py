@@ -27,11 +27,13 @@ def split(k: mx.array, num: int = 2) -> mx.array:
 def fold_in(k: mx.array, data: int) -> mx.array:
     """A new key that depends on ``k`` and the integer ``data`` (like ``jax.random.fold_in``).
 
-    ``k XOR (0, data)`` followed by one threefry split, so nearby integers give unrelated keys.
+    ``k + (0, data)`` (uint32, wrapping) followed by one threefry split, so nearby integers give
+    unrelated keys. (Addition, not XOR: MLX 0.32's bitwise ops are wrong under ``mx.vmap`` when
+    only one operand is batched.)
     """
     if data < 0 or data >= 2**32:
         raise ValueError(f"data: expected an integer in [0, 2**32), got {data}")
-    mixed = mx.bitwise_xor(k, mx.array([0, data], dtype=mx.uint32))
+    mixed = k + mx.array([0, data], dtype=mx.uint32)
     return mx.random.split(mixed, 2)[1]
 
 

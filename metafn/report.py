@@ -7,8 +7,9 @@ Methods compared on the *same* test tasks:
 - ``pooled``: the model pre-trained on all training tasks pooled (the query loss at theta, no
   inner loop), for as many steps as the meta-training, then fine-tuned.
 
-Each method's fine-tuning rate is chosen on validation tasks from ``eval.finetune_lrs`` (plus
-the trained inner rate); Meta-SGD uses its learned rates. Test figures are mean and 95% CI.
+For each adaptation budget (``eval.budgets``, a number of fine-tuning steps) each method's rate
+is chosen on validation tasks from ``eval.finetune_lrs`` (plus the trained inner rate) by its
+score after that many steps; Meta-SGD uses its learned rates. Test figures are mean and 95% CI.
 """
 
 from __future__ import annotations
@@ -59,35 +60,53 @@ def evaluate_methods(
     methods: dict[str, tuple[PyTree, str]],
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Evaluate each ``name -> (meta, kind)`` where kind is ``adapt``, ``metasgd`` or ``protonet``."""
+    """Evaluate each ``name -> (meta, kind)`` where kind is ``adapt``, ``metasgd`` or ``protonet``.
+
+    Per method: ``budgets``, one entry per adaptation budget with the rate chosen on validation
+    tasks and the test mean and 95% CI after that many steps; ``curves``, the whole test
+    curve (0..eval.steps) at each chosen rate.
+    """
     ev = config.eval
     run_key = make_key(config.seed)
+    budgets = ev.budgets or (ev.steps,)
+    metric = "accuracy" if exp.classification else "loss"
     results: dict[str, Any] = {}
     for name, (meta, kind) in methods.items():
         t0 = time.perf_counter()
         if kind == "protonet":
-            lr, table, val_curve, steps = None, {}, {}, 0
+            chosen = {0: (None, {})}
+            steps = 0
         elif kind == "metasgd":
-            lr, table, val_curve, steps = None, {}, {}, ev.steps
+            chosen = {b: (None, {}) for b in budgets}
+            steps = ev.steps
         else:
             candidates = tuple(sorted(set(ev.finetune_lrs) | {config.algorithm.inner_lr}))
-            lr, table, val_curve = select_lr(
-                lambda r: curve_over_tasks(exp, meta, fold_in(run_key, SELECT_STREAM), "val",
-                                           ev.select_tasks, ev.steps, r, ev.chunk),
-                candidates, exp.classification,
-            )
+            val_curves = {
+                lr: curve_over_tasks(exp, meta, fold_in(run_key, SELECT_STREAM), "val",
+                                     ev.select_tasks, ev.steps, lr, ev.chunk)
+                for lr in candidates
+            }
+            chosen = {b: select_lr(val_curves, b, exp.classification) for b in budgets}
             steps = ev.steps
         scorer = "protonet" if kind == "protonet" else "adapt"
-        loss, acc = curve_over_tasks(exp, meta, fold_in(run_key, TEST_STREAM), "test", ev.n_tasks,
-                                     steps, lr, ev.chunk, scorer)
-        summary = summarize_curve(loss, acc)
-        summary.update({"finetune_lr": lr, "lr_selection_val": table,
-                        "val_curve_at_chosen_lr": val_curve, "steps": list(range(steps + 1)),
-                        "eval_seconds": time.perf_counter() - t0})
-        results[name] = summary
-        head = summary.get("accuracy_mean", summary["loss_mean"])
-        log(f"{name}: final {'accuracy' if acc is not None else 'loss'} {head[-1]:.4f} "
-            f"(lr {lr}, {loss.shape[1]} test tasks)")
+        curves: dict[str, Any] = {}
+        entries = []
+        for budget, (lr, table) in chosen.items():
+            if repr(lr) not in curves:
+                loss, acc = curve_over_tasks(exp, meta, fold_in(run_key, TEST_STREAM), "test",
+                                             ev.n_tasks, steps, lr, ev.chunk, scorer)
+                curves[repr(lr)] = summarize_curve(loss, acc)
+            curve = curves[repr(lr)]
+            entries.append({
+                "steps": budget, "finetune_lr": lr, "val_scores": table,
+                f"{metric}_mean": curve[f"{metric}_mean"][budget],
+                f"{metric}_ci95": curve[f"{metric}_ci95"][budget],
+                **({"loss_mean": curve["loss_mean"][budget]} if metric == "accuracy" else {}),
+            })
+            log(f"{name}: {metric} after {budget} steps {entries[-1][f'{metric}_mean']:.4f} "
+                f"+- {entries[-1][f'{metric}_ci95']:.4f} (lr {lr}, {curve['n_tasks']} test tasks)")
+        results[name] = {"kind": kind, "budgets": entries, "curves": curves,
+                         "eval_seconds": time.perf_counter() - t0}
     return results
 
 
@@ -120,8 +139,9 @@ def run_evaluation(
         "name": config.name,
         "config": config_to_dict(config),
         "protocol": (
-            f"{config.eval.n_tasks} held-out test tasks; fine-tuning rate per method chosen on "
-            f"{config.eval.select_tasks} validation tasks; mean and 95% CI (1.96 sd / sqrt(n))"
+            f"{config.eval.n_tasks} held-out test tasks; for each budget (fine-tuning steps) the "
+            f"rate per method is chosen on {config.eval.select_tasks} validation tasks; mean and "
+            f"95% CI (1.96 sd / sqrt(n))"
         ),
         "train": train_summary,
         "pooled_train": pooled_summary,

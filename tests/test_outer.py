@@ -210,3 +210,22 @@ def test_bad_inputs_name_the_argument():
 def test_typeguard_checks_public_annotations_during_tests():
     with pytest.raises(TypeCheckError):
         maml_outer(MSE_MLP, small_mlp(0), random_episodes(1), 0.1, "2")
+
+
+def test_multi_step_loss_with_last_step_weight_only_is_maml():
+    params = small_mlp(19)
+    eps = random_episodes(20, tasks=2)
+    l1, g1 = maml_outer(MSE_MLP, params, eps, 0.05, 3, step_weights=(0.0, 0.0, 2.0))
+    l2, g2 = maml_outer(MSE_MLP, params, eps, 0.05, 3)
+    np.testing.assert_allclose(l1.item(), l2.item(), rtol=1e-6)
+    assert_trees_close(g1, g2, rtol=1e-5, atol=1e-7)
+
+
+def test_multi_step_loss_averages_per_step_query_losses():
+    params = small_mlp(21)
+    eps = random_episodes(22, tasks=2)
+    per_step = [maml_outer(MSE_MLP, params, eps, 0.05, k)[0].item() for k in (1, 2, 3)]
+    loss, _ = maml_outer(MSE_MLP, params, eps, 0.05, 3, step_weights=(1.0, 1.0, 1.0))
+    np.testing.assert_allclose(loss.item(), np.mean(per_step), rtol=1e-5)
+    with pytest.raises(ValueError, match="step_weights"):
+        maml_outer(MSE_MLP, params, eps, 0.05, 3, step_weights=(1.0, 1.0))

@@ -206,7 +206,7 @@ def test_points_lie_in_their_class_region(seed: int, name: str, n_way: int, spli
     th, s, t = task.rotation.item(), task.scale.item(), np.array(task.translation)
     classes = np.array(task.classes)
     assert sorted(classes.tolist()) == list(range(n_way))
-    assert 0.75 <= s <= 1.25 and 0 <= th <= 2 * np.pi and (np.abs(t) <= 0.5).all()
+    assert 0.75 <= s <= 1.25 and 0 <= th <= 2 * np.pi and (np.abs(t) <= 0.25).all()
     rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
     for x, y in ((ep.support_x, ep.support_y), (ep.query_x, ep.query_y)):
         p = (np.array(x) - t) @ rot / s  # R^T (x - t) / s, row-wise
@@ -409,3 +409,40 @@ def test_bad_arguments_other() -> None:
 def test_bad_family_options(ctor, kwargs: dict, arg: str) -> None:  # noqa: ANN001
     with pytest.raises((ValueError, *BadType), match=arg):
         ctor(**kwargs)
+
+
+# ----------------------------------------------------------------------------- learnability
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["xor", "spirals"])
+def test_meta_learning_pays_off(name: str) -> None:
+    """Tasks are learnable from a meta-learned init and not from a random one: a short MAML run
+    (200 meta-steps) gives >= 85% 2-way 5-shot accuracy after 3 steps; a random init stays far
+    below."""
+    from metafn.losses import accuracy, cross_entropy_loss
+    from metafn.nn import mlp_apply, mlp_init
+    from metafn.optim import adam, apply_updates
+    from metafn.outer import batched_adapt, maml_outer
+    from metafn.tree import tree_broadcast
+
+    fam = family_from_name(name)
+    loss = cross_entropy_loss(mlp_apply)
+    params = mlp_init(key(1), [2, 40, 40, 2])
+    opt = adam(3e-3)
+    state = opt.init(params)
+    for i in range(200):
+        eps = sample_episodes(key(100 + i), fam, 8, 5, 10)
+        _, grads = maml_outer(loss, params, eps, 0.5, 3)
+        updates, state = opt.update(grads, state, params)
+        params = apply_updates(params, updates)
+        mx.eval(params, state)
+
+    test = sample_episodes(key(7), fam, 100, 5, 20, split="test")
+
+    def adapted_accuracy(p: list) -> float:
+        a = batched_adapt(loss, tree_broadcast(p, 100), test.support_x, test.support_y, 3, 0.5)
+        return accuracy(mx.vmap(mlp_apply)(a, test.query_x), test.query_y).item()
+
+    meta, scratch = adapted_accuracy(params), adapted_accuracy(mlp_init(key(2), [2, 40, 40, 2]))
+    assert meta >= 0.85 and meta - scratch >= 0.15, (meta, scratch)

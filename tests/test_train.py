@@ -123,12 +123,16 @@ def test_cli_train_eval_writes_results(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"maml", "random_init", "pooled"}
     m = results["methods"]["maml"]
-    assert len(m["loss_mean"]) == 3 and m["n_tasks"] == 20 and all(c >= 0 for c in m["loss_ci95"])
+    (budget,) = m["budgets"]
+    assert budget["steps"] == 2 and budget["finetune_lr"] == 0.01 and budget["loss_ci95"] >= 0
+    (curve,) = m["curves"].values()
+    assert len(curve["loss_mean"]) == 3 and curve["n_tasks"] == 20
     assert (out / "metrics.jsonl").exists() and (out / "best.json").exists()
     res = run_cli("eval", "--checkpoint", str(out / "best.safetensors"), "--out", str(tmp_path / "ev"),
                   "--n-tasks", "10", "--no-progress")
     assert res.returncode == 0, res.stderr
-    assert json.loads((tmp_path / "ev" / "results.json").read_text())["methods"]["maml"]["n_tasks"] == 10
+    ev = json.loads((tmp_path / "ev" / "results.json").read_text())["methods"]["maml"]
+    assert next(iter(ev["curves"].values()))["n_tasks"] == 10
 
 
 @pytest.mark.parametrize(

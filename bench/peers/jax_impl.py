@@ -111,7 +111,93 @@ def _mlp_reptile(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
     return {"jax": Runner(lambda: step(params, *args), _block, _to_numpy)}
 
 
-BUILDERS = {("mlp", "maml"): _mlp_maml, ("mlp", "reptile"): _mlp_reptile}
+# --------------------------------------------------------------------------------- conv4
+# Same model as metafn.nn.conv4: NHWC, kernels (C_out, 3, 3, C_in) ("OHWI"), no conv bias,
+# one-pass batch norm with the batch's statistics, ReLU, 2x2 max pool with odd sizes floored.
+
+BN_EPS = 1e-5
+
+
+def batch_norm(x, gamma, beta, axes=(0, 1, 2)):
+    mu = jnp.mean(x, axis=axes, keepdims=True)
+    var = jnp.maximum(jnp.mean(jnp.square(x), axis=axes, keepdims=True) - jnp.square(mu), 0.0)
+    scale = gamma * jax.lax.rsqrt(var + BN_EPS)
+    return x * scale + (beta - mu * scale)
+
+
+def max_pool_2x2(x):
+    n, h, w, c = x.shape
+    h2, w2 = h // 2, w // 2
+    x = x[:, : 2 * h2, : 2 * w2, :]
+    return jnp.max(x.reshape(n, h2, 2, w2, 2, c), axis=(2, 4))
+
+
+def conv4_embed(params, x):
+    for i in range(4):
+        w, g, b = params[3 * i: 3 * i + 3]
+        x = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=("NHWC", "OHWI", "NHWC"))
+        x = max_pool_2x2(jnp.maximum(batch_norm(x, g, b), 0.0))
+    return x.reshape(x.shape[0], -1)
+
+
+def cross_entropy(logits, y):
+    picked = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - picked)
+
+
+def conv4_loss(params, x, y):
+    logits = conv4_embed(params[:12], x) @ params[12] + params[13]
+    return cross_entropy(logits, y)
+
+
+def _conv4_maml(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
+    flat, ep = split_data(data)
+    params = [jnp.asarray(p) for p in flat]
+    args = [jnp.asarray(ep[k]) for k in ("sx", "sy", "qx", "qy")]
+
+    def task_loss(p, sx, sy, qx, qy):
+        for _ in range(w.steps):
+            g = jax.grad(conv4_loss)(p, sx, sy)
+            if w.first_order:
+                g = jax.lax.stop_gradient(g)
+            p = [a - w.inner_lr * d for a, d in zip(p, g)]
+        return conv4_loss(p, qx, qy)
+
+    def meta_loss(p, sx, sy, qx, qy):
+        return jnp.mean(jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(p, sx, sy, qx, qy))
+
+    step = jax.jit(jax.value_and_grad(meta_loss))
+    return {"jax": Runner(lambda: step(params, *args), _block, _to_numpy)}
+
+
+def protonet_logits(s, sy, q, n_way):
+    onehot = (sy[:, None] == jnp.arange(n_way)[None, :]).astype(s.dtype)
+    protos = (onehot.T @ s) / jnp.maximum(jnp.sum(onehot, axis=0), 1.0)[:, None]
+    sq = (jnp.sum(q * q, axis=-1, keepdims=True) - 2.0 * q @ protos.T
+          + jnp.sum(protos * protos, axis=-1)[None, :])
+    return -sq
+
+
+def _conv4_protonet(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
+    flat, ep = split_data(data)
+    params = [jnp.asarray(p) for p in flat]
+    args = [jnp.asarray(ep[k]) for k in ("sx", "sy", "qx", "qy")]
+
+    def loss(p, sx, sy, qx, qy):  # as metafn.outer.protonet_outer: one embedding call
+        t, ns, nq = sx.shape[0], sx.shape[1], qx.shape[1]
+        emb = conv4_embed(p, jnp.concatenate([sx, qx], axis=1).reshape(-1, *sx.shape[2:]))
+        emb = emb.reshape(t, ns + nq, -1)
+        logits = jax.vmap(lambda a, b, c: protonet_logits(a, b, c, w.n_way))(
+            emb[:, :ns], sy, emb[:, ns:])
+        return cross_entropy(logits, qy)
+
+    step = jax.jit(jax.value_and_grad(loss))
+    return {"jax": Runner(lambda: step(params, *args), _block, _to_numpy)}
+
+
+BUILDERS = {("mlp", "maml"): _mlp_maml, ("mlp", "reptile"): _mlp_reptile,
+            ("conv4", "maml"): _conv4_maml, ("conv4", "protonet"): _conv4_protonet}
 
 
 def build(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:

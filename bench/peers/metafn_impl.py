@@ -65,6 +65,21 @@ def setup(threads: int | None) -> None:
     environment before this process started (the orchestrator does it)."""
 
 
+def _openblas_info(path: str | None) -> dict:
+    """OpenBLAS's own configuration string and thread count, when the loaded BLAS is OpenBLAS."""
+    if not path:
+        return {}
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL(path)
+        lib.openblas_get_config.restype = ctypes.c_char_p
+        return {"openblas_config": lib.openblas_get_config().decode(),
+                "openblas_num_threads": lib.openblas_get_num_threads()}
+    except (OSError, AttributeError):
+        return {}
+
+
 def info() -> dict:
     st = _blas.status()
     return {
@@ -73,8 +88,9 @@ def info() -> dict:
                      "python": platform.python_version()},
         "blas": st.library, "blas_reason": st.reason,
         "blas_libraries_mapped": _blas.loaded_blas_libraries(),
-        "threads": {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                                                    "OMP_NUM_THREADS")},
+        "threads": {**{k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                                                       "OMP_NUM_THREADS")},
+                    **_openblas_info(st.library)},
         "memory_method": "peak RSS (getrusage ru_maxrss, HWM reset) minus RSS before build; "
                          "mlx_peak_mb = mx.get_peak_memory() (MLX allocator's array peak)",
     }
@@ -150,7 +166,98 @@ def _mlp_reptile(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
     }
 
 
-BUILDERS = {("mlp", "maml"): _mlp_maml, ("mlp", "reptile"): _mlp_reptile}
+def _conv4_params(flat: list[np.ndarray]) -> dict:
+    blocks = [{"w": mx.array(flat[i]), "gamma": mx.array(flat[i + 1]), "beta": mx.array(flat[i + 2])}
+              for i in range(0, 12, 3)]
+    tree: dict = {"blocks": blocks}
+    if len(flat) > 12:
+        tree["head"] = {"w": mx.array(flat[12]), "b": mx.array(flat[13])}
+    return tree
+
+
+def _conv4_leaves(tree: dict) -> list[np.ndarray]:
+    out = [np.array(b[k]) for b in tree["blocks"] for k in ("w", "gamma", "beta")]
+    if "head" in tree:
+        out += [np.array(tree["head"]["w"]), np.array(tree["head"]["b"])]
+    return out
+
+
+def _conv4_to_numpy(out) -> tuple[float, list[np.ndarray]]:
+    return float(out[0].item()), _conv4_leaves(out[1])
+
+
+def _conv4_maml(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
+    from metafn.nn.conv4 import conv4_batched_loss
+
+    flat, ep_np = split_data(data)
+    params = _conv4_params(flat)
+    ep = Episode(*(mx.array(ep_np[k]) for k in ("sx", "sy", "qx", "qy")))
+    loss_fn = conv4_batched_loss()  # default task method
+
+    def step_fn(p, sx, sy, qx, qy):
+        return maml_outer(loss_fn, p, Episode(sx, sy, qx, qy), w.inner_lr, w.steps,
+                          first_order=w.first_order)
+
+    compiled = mx.compile(step_fn)
+    split = split_over_streams(step_fn, 2)
+    return {
+        "metafn": Runner(lambda: step_fn(params, *ep), _block, _conv4_to_numpy),
+        "metafn-compiled": Runner(lambda: compiled(params, *ep), _block, _conv4_to_numpy),
+        "metafn-streams2": Runner(lambda: split(params, *ep), _block, _conv4_to_numpy),
+    }
+
+
+def _conv4_protonet(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
+    from metafn.nn.conv4 import conv4_embed
+    from metafn.outer import protonet_outer
+
+    flat, ep_np = split_data(data)
+    params = _conv4_params(flat)
+    ep = Episode(*(mx.array(ep_np[k]) for k in ("sx", "sy", "qx", "qy")))
+
+    def step_fn(p, sx, sy, qx, qy):
+        loss, g, _acc = protonet_outer(conv4_embed, p, Episode(sx, sy, qx, qy), w.n_way)
+        return loss, g
+
+    note = ""
+    try:
+        mx.eval(step_fn(params, *ep))
+    except ValueError as e:  # metafn.outer.protonet_outer passes n_way (an int) through mx.vmap
+        note = (f"protonet_outer raised {e!s:.60}; timed the same computation with n_way closed "
+                "over (bench/peers/metafn_impl.py:_protonet_step)")
+        step_fn = _protonet_step(w.n_way)
+
+    compiled = mx.compile(step_fn)
+    return {
+        "metafn": Runner(lambda: step_fn(params, *ep), _block, _conv4_to_numpy, note),
+        "metafn-compiled": Runner(lambda: compiled(params, *ep), _block, _conv4_to_numpy, note),
+    }
+
+
+def _protonet_step(n_way: int):
+    """``metafn.outer.protonet_outer`` (loss and gradient) with ``n_way`` closed over instead of
+    passed through ``mx.vmap`` -- the fix proposed for metafn/outer.py."""
+    from metafn.losses import cross_entropy
+    from metafn.nn.conv4 import conv4_embed
+    from metafn.outer import protonet_logits
+
+    def step_fn(p, sx, sy, qx, qy):
+        tasks, ns, nq = sx.shape[0], sx.shape[1], qx.shape[1]
+
+        def loss(p):
+            emb = conv4_embed(p, mx.concatenate([sx, qx], axis=1).reshape(-1, *sx.shape[2:]))
+            emb = emb.reshape(tasks, ns + nq, -1)
+            logits = mx.vmap(lambda s, y, q: protonet_logits(s, y, q, n_way))(
+                emb[:, :ns], sy, emb[:, ns:])
+            return cross_entropy(logits, qy)
+
+        return mx.value_and_grad(loss)(p)
+
+    return step_fn
+
+
+BUILDERS = {("mlp", "maml"): _mlp_maml, ("mlp", "reptile"): _mlp_reptile,
+            ("conv4", "maml"): _conv4_maml, ("conv4", "protonet"): _conv4_protonet}
 
 
 def build(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:

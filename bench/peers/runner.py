@@ -17,6 +17,7 @@ class Runner:
     step: Callable[[], Any]
     block: Callable[[Any], None]
     to_numpy: Callable[[Any], tuple[float, list[np.ndarray]]]
+    note: str = ""
 
     def run(self) -> Any:
         out = self.step()

@@ -114,7 +114,100 @@ def _mlp_reptile(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
     return {"torch": Runner(lambda: outer(params, *args), _block, _to_numpy)}
 
 
-BUILDERS = {("mlp", "maml"): _mlp_maml, ("mlp", "reptile"): _mlp_reptile}
+# --------------------------------------------------------------------------------- conv4
+# Same model as metafn.nn.conv4 in torch's NCHW layout: images are transposed NHWC -> NCHW and
+# kernels (C_out, 3, 3, C_in) -> (C_out, C_in, 3, 3) once at build time (not timed); gradients
+# are transposed back for the correctness check. One-pass batch norm with the batch's
+# statistics, ReLU, 2x2 max pool (floor), features flattened in (h, w, c) order as metafn.
+
+BN_EPS = 1e-5
+F = torch.nn.functional
+
+
+def batch_norm(x, gamma, beta):
+    mu = torch.mean(x, dim=(0, 2, 3), keepdim=True)
+    var = torch.clamp_min(torch.mean(torch.square(x), dim=(0, 2, 3), keepdim=True)
+                          - torch.square(mu), 0.0)
+    scale = gamma.reshape(1, -1, 1, 1) * torch.rsqrt(var + BN_EPS)
+    return x * scale + (beta.reshape(1, -1, 1, 1) - mu * scale)
+
+
+def conv4_embed(params, x):
+    for i in range(4):
+        w, g, b = params[3 * i: 3 * i + 3]
+        x = F.conv2d(x, w, padding=1)
+        x = F.max_pool2d(torch.clamp_min(batch_norm(x, g, b), 0.0), 2)
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+
+
+def cross_entropy(logits, y):
+    picked = torch.gather(logits, -1, y[..., None].long())[..., 0]
+    return torch.mean(torch.logsumexp(logits, dim=-1) - picked)
+
+
+def conv4_loss(params, x, y):
+    return cross_entropy(conv4_embed(params[:12], x) @ params[12] + params[13], y)
+
+
+def _conv4_tensors(data: dict[str, np.ndarray]):
+    flat, ep = split_data(data)
+    params = tuple(torch.from_numpy(np.ascontiguousarray(p.transpose(0, 3, 1, 2) if p.ndim == 4 else p))
+                   for p in flat)
+    img = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 1, 4, 2, 3)))  # noqa: E731
+    args = [img(ep["sx"]), torch.from_numpy(ep["sy"]).long(), img(ep["qx"]),
+            torch.from_numpy(ep["qy"]).long()]
+    return params, args
+
+
+def _conv4_to_numpy(out) -> tuple[float, list[np.ndarray]]:
+    g, loss = out[0], out[1]
+    return float(loss), [d.numpy().transpose(0, 2, 3, 1).copy() if d.ndim == 4 else d.numpy().copy()
+                         for d in g]
+
+
+def _conv4_maml(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
+    params, args = _conv4_tensors(data)
+
+    def task_loss(p, sx, sy, qx, qy):
+        for _ in range(w.steps):
+            g = grad(conv4_loss)(p, sx, sy)
+            if w.first_order:
+                g = tuple(d.detach() for d in g)
+            p = tuple(a - w.inner_lr * d for a, d in zip(p, g))
+        return conv4_loss(p, qx, qy)
+
+    def meta_loss(p, sx, sy, qx, qy):
+        return torch.mean(vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(p, sx, sy, qx, qy))
+
+    step = grad_and_value(meta_loss)
+    return {"torch": Runner(lambda: step(params, *args), _block, _conv4_to_numpy)}
+
+
+def protonet_logits(s, sy, q, n_way):
+    onehot = (sy[:, None] == torch.arange(n_way)[None, :]).to(s.dtype)
+    protos = (onehot.T @ s) / torch.clamp_min(torch.sum(onehot, dim=0), 1.0)[:, None]
+    sq = (torch.sum(q * q, dim=-1, keepdim=True) - 2.0 * q @ protos.T
+          + torch.sum(protos * protos, dim=-1)[None, :])
+    return -sq
+
+
+def _conv4_protonet(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
+    params, args = _conv4_tensors(data)
+
+    def loss(p, sx, sy, qx, qy):  # as metafn.outer.protonet_outer: one embedding call
+        t, ns, nq = sx.shape[0], sx.shape[1], qx.shape[1]
+        emb = conv4_embed(p, torch.cat([sx, qx], dim=1).reshape(-1, *sx.shape[2:]))
+        emb = emb.reshape(t, ns + nq, -1)
+        logits = vmap(lambda a, b, c: protonet_logits(a, b, c, w.n_way))(
+            emb[:, :ns], sy, emb[:, ns:])
+        return cross_entropy(logits, qy)
+
+    step = grad_and_value(loss)
+    return {"torch": Runner(lambda: step(params, *args), _block, _conv4_to_numpy)}
+
+
+BUILDERS = {("mlp", "maml"): _mlp_maml, ("mlp", "reptile"): _mlp_reptile,
+            ("conv4", "maml"): _conv4_maml, ("conv4", "protonet"): _conv4_protonet}
 
 
 def build(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:

@@ -109,14 +109,57 @@ def sine_tasks_np(rng: np.random.Generator, tasks: int, k: int, q: int) -> dict[
     return {"sx": f32(x[:, :k]), "sy": f32(y[:, :k]), "qx": f32(x[:, k:]), "qy": f32(y[:, k:])}
 
 
+def conv4_feature_size(image: int, hidden: int) -> int:
+    s = image
+    for _ in range(4):
+        s //= 2
+    return hidden * s * s
+
+
+def conv4_init_np(rng: np.random.Generator, w: Workload, head: bool) -> list[np.ndarray]:
+    """conv4 leaves in canonical order ``[w, gamma, beta] x 4 (+ head w, b)``, as
+    :func:`metafn.nn.conv4.conv4_init`: kernels ``(C_out, 3, 3, C_in)`` Glorot-uniform,
+    ``gamma = 1``, ``beta = 0``, head ``U(-1/sqrt(D), 1/sqrt(D))``. Single input channel."""
+    out: list[np.ndarray] = []
+    c_in, hid = 1, w.channels
+    for _ in range(4):
+        bound = math.sqrt(6.0 / (9 * c_in + 9 * hid))
+        out.append(rng.uniform(-bound, bound, (hid, 3, 3, c_in)).astype(np.float32))
+        out.append(np.ones((hid,), np.float32))
+        out.append(np.zeros((hid,), np.float32))
+        c_in = hid
+    if head:
+        d = conv4_feature_size(w.image, hid)
+        bound = 1.0 / math.sqrt(d)
+        out.append(rng.uniform(-bound, bound, (d, w.n_way)).astype(np.float32))
+        out.append(rng.uniform(-bound, bound, (w.n_way,)).astype(np.float32))
+    return out
+
+
+def image_tasks_np(rng: np.random.Generator, w: Workload) -> dict[str, np.ndarray]:
+    """Omniglot-shaped episodes: ``(T, n_way*K, H, W, 1)`` binary-ish images (strokes are ~20%
+    of Omniglot's pixels; the content does not change the cost), labels ``0..n_way-1`` with
+    exactly K support and ``n_query`` query examples per class (int32)."""
+    def images(n: int) -> np.ndarray:
+        return (rng.random((w.tasks, n, w.image, w.image, 1)) < 0.2).astype(np.float32)
+
+    ns, nq = w.n_way * w.k_shot, w.n_way * w.n_query
+    sy = np.tile(np.repeat(np.arange(w.n_way, dtype=np.int32), w.k_shot), (w.tasks, 1))
+    qy = np.tile(np.repeat(np.arange(w.n_way, dtype=np.int32), w.n_query), (w.tasks, 1))
+    return {"sx": images(ns), "sy": sy, "qx": images(nq), "qy": qy}
+
+
 def make_data(w: Workload, seed: int = SEED) -> dict[str, np.ndarray]:
     """Parameters ``p0, p1, ...`` (canonical order) and episode arrays ``sx, sy, qx, qy``."""
     rng = np.random.default_rng([seed, int(w.id[1:])])
     if w.model == "mlp":
         params = mlp_init_np(rng, w.sizes)
         data = sine_tasks_np(rng, w.tasks, w.k_shot, w.n_query)
-    else:  # conv4: defined once metafn.nn.conv4 exists (see the module docstring)
-        raise NotImplementedError(f"{w.id}: data for model {w.model!r} is not defined yet")
+    elif w.model == "conv4":  # ProtoNet embeds only: no head
+        params = conv4_init_np(rng, w, head=w.kind != "protonet")
+        data = image_tasks_np(rng, w)
+    else:
+        raise NotImplementedError(f"{w.id}: data for model {w.model!r} is not defined")
     data.update({f"p{i}": p for i, p in enumerate(params)})
     return data
 
@@ -132,6 +175,55 @@ def split_data(data: dict[str, np.ndarray]) -> tuple[list[np.ndarray], dict[str,
 
 def _mm(n: int, a: int, b: int) -> int:
     return 2 * n * a * b
+
+
+def _algorithm_flops(w: Workload, layer_flops: list[int], what: str) -> dict[str, int | str]:
+    """FLOPs of one step from the per-example FLOPs of each linear layer's product
+    (``layer_flops[l]`` for one example), with the rules of :func:`mlp_flops`."""
+    def fwd(n: int) -> int:
+        return n * sum(layer_flops)
+
+    def bwd(n: int) -> int:  # dW for every layer, dx for layers >= 2
+        return n * (sum(layer_flops) + sum(layer_flops[1:]))
+
+    def rev_fwd(n: int) -> int:
+        return n * (layer_flops[0] + 2 * sum(layer_flops[1:]))
+
+    def rev_grad(n: int) -> int:
+        return rev_fwd(n) + n * (layer_flops[0] + 2 * sum(layer_flops[1:])) + n * 2 * sum(layer_flops[1:])
+
+    per_class = max(w.n_way, 1)
+    k = w.k_shot * (per_class if w.model == "conv4" else 1)
+    q = w.n_query * (per_class if w.model == "conv4" else 1)
+    s = w.steps
+    if w.kind == "maml" and not w.first_order:
+        per_task = s * (fwd(k) + bwd(k)) + fwd(q) + rev_fwd(q) + s * rev_grad(k)
+    elif w.kind == "maml":
+        per_task = s * (fwd(k) + bwd(k)) + fwd(q) + bwd(q)
+    elif w.kind == "reptile":
+        per_task = s * (fwd(k + q) + bwd(k + q)) + fwd(q)
+    elif w.kind == "protonet":  # embed support + query together, then its gradient
+        per_task = fwd(k + q) + bwd(k + q)
+    else:
+        raise ValueError(w.kind)
+    return {"flops": per_task * w.tasks,
+            "method": f"analytic count of {what} (bench/peers/workloads.py); elementwise ops, "
+                      "batch norm, pooling and softmax excluded"}
+
+
+def conv4_flops(w: Workload) -> dict[str, int | str]:
+    """Convolution (+ head) FLOPs: a 3x3 'same' convolution on ``h x h x c_in`` costs
+    ``2 h^2 9 c_in c_out`` per image; the layers are then treated like the MLP's matmuls (forward,
+    backward, second-order reverse; see :func:`mlp_flops`). ProtoNet: forward and backward of the
+    embedding of all support and query images (prototype/distance products excluded, < 0.01%)."""
+    layer, h, c_in = [], w.image, 1
+    for _ in range(4):
+        layer.append(2 * h * h * 9 * c_in * w.channels)
+        h //= 2
+        c_in = w.channels
+    if w.kind != "protonet":
+        layer.append(2 * conv4_feature_size(w.image, w.channels) * w.n_way)
+    return _algorithm_flops(w, layer, "convolution and head products")
 
 
 def mlp_flops(w: Workload) -> dict[str, int | str]:
@@ -151,39 +243,16 @@ def mlp_flops(w: Workload) -> dict[str, int | str]:
     MAML (second order), ``S`` steps: ``S*(fwd+bwd)(K) + fwd(Q) + rev_fwd(Q) + S*rev_grad(K)``;
     FOMAML: ``S*(fwd+bwd)(K) + (fwd+bwd)(Q)``; Reptile: ``S*(fwd+bwd)(K+Q) + fwd(Q)``.
     """
-    layers = list(zip(w.sizes[:-1], w.sizes[1:]))
-
-    def fwd(n: int) -> int:
-        return sum(_mm(n, a, b) for a, b in layers)
-
-    def bwd(n: int) -> int:
-        return sum(_mm(n, a, b) for a, b in layers) + sum(_mm(n, a, b) for a, b in layers[1:])
-
-    def rev_fwd(n: int) -> int:  # cotangents of the forward products
-        return sum(_mm(n, a, b) * (1 if i == 0 else 2) for i, (a, b) in enumerate(layers))
-
-    def rev_grad(n: int) -> int:  # reverse of one full gradient pass (fwd + bwd)
-        dw = sum(_mm(n, a, b) * (1 if i == 0 else 2) for i, (a, b) in enumerate(layers))
-        dx = sum(2 * _mm(n, a, b) for a, b in layers[1:])
-        return rev_fwd(n) + dw + dx
-
-    k, q, s = w.k_shot, w.n_query, w.steps
-    if w.kind == "maml" and not w.first_order:
-        per_task = s * (fwd(k) + bwd(k)) + fwd(q) + rev_fwd(q) + s * rev_grad(k)
-    elif w.kind == "maml":
-        per_task = s * (fwd(k) + bwd(k)) + fwd(q) + bwd(q)
-    elif w.kind == "reptile":
-        per_task = s * (fwd(k + q) + bwd(k + q)) + fwd(q)
-    else:
-        raise ValueError(w.kind)
-    return {"flops": per_task * w.tasks, "method": "analytic matmul count (bench/peers/workloads.py"
-            ":mlp_flops); elementwise ops excluded"}
+    layer = [_mm(1, a, b) for a, b in zip(w.sizes[:-1], w.sizes[1:])]
+    return _algorithm_flops(w, layer, "matmul products")
 
 
 def flops(w: Workload) -> dict[str, int | str] | None:
     """FLOPs of one step of ``w`` (None where no count is defined yet)."""
     if w.model == "mlp":
         return mlp_flops(w)
+    if w.model == "conv4":
+        return conv4_flops(w)
     return None
 
 

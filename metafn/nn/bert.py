@@ -60,7 +60,7 @@ from metafn.tree import PyTree, tree_flatten
 __all__ = [
     "BertConfig", "BertTokenizer", "TokenBatch", "bert_config_from_dict", "default_model_dir",
     "bert_init", "bert_load", "bert_save", "load_tokenizer", "tokenize", "linear_apply",
-    "bert_apply", "mean_pool", "cls_pool", "l2_normalize", "sentence_embed", "encode",
+    "bert_apply", "bert_layers", "mean_pool", "cls_pool", "l2_normalize", "sentence_embed", "encode",
     "params_from_hf", "params_to_hf", "erf",
 ]
 
@@ -657,7 +657,35 @@ def bert_apply(
     x = x + emb["position_embeddings"]["weight"][:total] + types
     h = _layer_norm(emb["LayerNorm"], x, config.layer_norm_eps)
 
-    layers = params["encoder"]["layer"]
+    h = bert_layers(params["encoder"]["layer"], config, h, keep, prefix=prefix)
+    return h[:, n_prompt:] if n_prompt else h
+
+
+def bert_layers(
+    layers: Sequence[PyTree],
+    config: BertConfig,
+    hidden: mx.array,
+    attention_mask: mx.array,
+    *,
+    prefix: mx.array | None = None,
+) -> mx.array:
+    """Run the encoder layers ``layers`` (a list of layer trees, e.g. ``params["encoder"]
+    ["layer"][k:]``) on hidden states ``hidden (B, L, d)``; returns ``(B, L, d)``.
+
+    attention_mask: ``(B, L)``, nonzero for tokens that may be attended to.
+    prefix: ``(len(layers), 2, n, d)`` prefix keys/values (see :func:`bert_apply`).
+    :func:`bert_apply` is ``bert_layers(layers, ., embeddings(x), mask)``; calling it on the
+    states after layer ``k`` with ``layers[k:]`` gives the same output, so a frozen bottom of the
+    encoder can be run once and cached.
+    """
+    if hidden.ndim != 3 or hidden.shape[-1] != config.hidden_size:
+        raise ValueError(f"hidden: expected shape (B, L, {config.hidden_size}), got {hidden.shape}")
+    if attention_mask.shape != hidden.shape[:2]:
+        raise ValueError(f"attention_mask: expected shape {hidden.shape[:2]} (as hidden), got "
+                         f"{attention_mask.shape}")
+    h = hidden
+    bsz, total = h.shape[0], h.shape[1]
+    keep = attention_mask.astype(mx.bool_)
     if prefix is not None:
         want = (len(layers), 2, prefix.shape[2] if prefix.ndim == 4 else -1, config.hidden_size)
         if prefix.ndim != 4 or prefix.shape != want:
@@ -693,7 +721,7 @@ def bert_apply(
         f = _act(config.hidden_act, linear_apply(layer["intermediate"]["dense"], a))
         h = _layer_norm(layer["output"]["LayerNorm"],
                         linear_apply(layer["output"]["dense"], f) + a, config.layer_norm_eps)
-    return h[:, n_prompt:] if n_prompt else h
+    return h
 
 
 def mean_pool(hidden: mx.array, mask: mx.array) -> mx.array:

@@ -52,9 +52,14 @@ class PrefixConfig:
 
 
 def _dims(params: PyTree) -> tuple[int, int]:
+    """``(layers, d)``; ``d`` from the embeddings, or from layer 0's output LayerNorm when the
+    tree holds only (a slice of) the encoder layers (``{"encoder": {"layer": [...]}}``)."""
     try:
         layers = params["encoder"]["layer"]
-        d = params["embeddings"]["word_embeddings"]["weight"].shape[1]
+        if "embeddings" in params:
+            d = params["embeddings"]["word_embeddings"]["weight"].shape[1]
+        else:
+            d = layers[0]["output"]["LayerNorm"]["weight"].shape[0]
     except (KeyError, TypeError, IndexError) as e:
         raise ValueError("params: expected a BERT tree with encoder.layer and "
                          "embeddings.word_embeddings (see metafn.nn.bert)") from e

@@ -34,6 +34,15 @@ Sine (Finn et al. 2017)
     *shape* of decision boundary but a different position, orientation, size and labelling: a
     learner that has meta-learned the shape adapts in a few steps, while one starting from a
     random initialization has to discover the nonlinear boundary from ``N K`` points.
+
+    The defaults (noise 0.1, rotation ``U[0, 2 pi)``, scale ``U[0.75, 1.25]``, translation
+    ``U[-0.25, 0.25]^2``, shuffled labels, spirals of 0.75 turns) were chosen so that meta-learning
+    clearly pays off. Measured 2-way 5-shot, MLP 2-40-40-2, MAML (3000 meta-steps of 16 tasks,
+    5 inner SGD steps at lr 0.5), accuracy on 300 test tasks after 5 inner steps from the
+    meta-learned init vs. the best of lr 0.1 / 0.5 / 2 from a random init (after 10 steps):
+    xor 92% vs 65%, circles 98% vs 63%, spirals 95% vs 73%; linear2d 95% vs 93% (a random
+    linear boundary is easy without meta-learning). With 1 spiral turn or translations of
+    +-0.5, MAML's accuracy at this budget fell to 81-89%.
 """
 
 from __future__ import annotations
@@ -122,10 +131,10 @@ class Toy2DFamily:
     shape: str
     noise: float = 0.1
     n_way: int = 2
-    turns: float = 1.0
+    turns: float = 0.75
     rotation_range: tuple[float, float] = (0.0, 2.0 * math.pi)
     scale_range: tuple[float, float] = (0.75, 1.25)
-    translation_range: tuple[float, float] = (-0.5, 0.5)
+    translation_range: tuple[float, float] = (-0.25, 0.25)
     shuffle_labels: bool = True
     pool_size: int | None = None
     pool_seed: int = 0
@@ -215,7 +224,7 @@ def linear2d(
     n_way: int = 2,
     rotation_range: tuple[float, float] = (0.0, 2.0 * math.pi),
     scale_range: tuple[float, float] = (0.75, 1.25),
-    translation_range: tuple[float, float] = (-0.5, 0.5),
+    translation_range: tuple[float, float] = (-0.25, 0.25),
     shuffle_labels: bool = True,
     pool_size: int | None = None,
     pool_seed: int = 0,
@@ -232,7 +241,7 @@ def xor(
     n_way: int = 2,
     rotation_range: tuple[float, float] = (0.0, 2.0 * math.pi),
     scale_range: tuple[float, float] = (0.75, 1.25),
-    translation_range: tuple[float, float] = (-0.5, 0.5),
+    translation_range: tuple[float, float] = (-0.25, 0.25),
     shuffle_labels: bool = True,
     pool_size: int | None = None,
     pool_seed: int = 0,
@@ -249,7 +258,7 @@ def circles(
     n_way: int = 2,
     rotation_range: tuple[float, float] = (0.0, 2.0 * math.pi),
     scale_range: tuple[float, float] = (0.75, 1.25),
-    translation_range: tuple[float, float] = (-0.5, 0.5),
+    translation_range: tuple[float, float] = (-0.25, 0.25),
     shuffle_labels: bool = True,
     pool_size: int | None = None,
     pool_seed: int = 0,
@@ -263,10 +272,10 @@ def circles(
 def spirals(
     noise: float = 0.1,
     n_way: int = 2,
-    turns: float = 1.0,
+    turns: float = 0.75,
     rotation_range: tuple[float, float] = (0.0, 2.0 * math.pi),
     scale_range: tuple[float, float] = (0.75, 1.25),
-    translation_range: tuple[float, float] = (-0.5, 0.5),
+    translation_range: tuple[float, float] = (-0.25, 0.25),
     shuffle_labels: bool = True,
     pool_size: int | None = None,
     pool_seed: int = 0,
