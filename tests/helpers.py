@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import metafn  # noqa: F401
 import mlx.core as mx
+import chex
 import numpy as np
 
 from metafn.losses import mse_loss
@@ -27,11 +28,15 @@ def random_episodes(seed: int, tasks: int = 3, k: int = 5, q: int = 6, d_in: int
 MSE_MLP = mse_loss(mlp_apply)
 
 
+def to_numpy(tree):
+    """The same tree with NumPy leaves (for chex's tree assertions)."""
+    return tree_map(lambda x: np.array(x), tree)
+
+
 def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
-    fa, fb = tree_flatten(a), tree_flatten(b)
-    assert [k for k, _ in fa] == [k for k, _ in fb]
-    for (k, x), (_, y) in zip(fa, fb):
-        np.testing.assert_allclose(np.array(x), np.array(y), rtol=rtol, atol=atol, err_msg=k)
+    """Same structure (chex) and leaves close to tolerance."""
+    chex.assert_trees_all_equal_structs(to_numpy(a), to_numpy(b))
+    chex.assert_trees_all_close(to_numpy(a), to_numpy(b), rtol=rtol, atol=atol)
 
 
 def assert_trees_equal(a, b):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import metafn  # noqa: F401
 import mlx.core as mx
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import given, strategies as st
 from typeguard import TypeCheckError
 
-from helpers import MSE_MLP, assert_trees_close, random_episodes, small_mlp
+from helpers import MSE_MLP, assert_trees_close, to_numpy, random_episodes, small_mlp
 from metafn.inner import adapt
 from metafn.outer import (
     fomaml_outer, maml_outer, metasgd_init, metasgd_outer, protonet_logits, reptile_grad,
@@ -32,6 +33,8 @@ def test_maml_vmap_equals_loop(seed, tasks, steps):
     params = small_mlp(seed)
     eps = random_episodes(seed + 1, tasks=tasks)
     loss, grads = maml_outer(MSE_MLP, params, eps, 0.05, steps)
+    chex.assert_rank(loss, 0)
+    chex.assert_trees_all_equal_shapes(to_numpy(grads), to_numpy(params))
     loop_loss, loop_grads = mx.value_and_grad(lambda p: loop_maml_loss(p, eps, 0.05, steps))(params)
     np.testing.assert_allclose(loss.item(), loop_loss.item(), rtol=1e-5)
     assert_trees_close(grads, loop_grads, rtol=2e-4, atol=1e-5)
