@@ -20,8 +20,12 @@ PYTHON=${PYTHON:-python3}
 VENV=${METAFN_VENV:-.venv}
 
 have_system_openblas() {
-  ls /usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3 /usr/lib/*-linux-gnu/libopenblas.so.0 \
-     /usr/lib64/libopenblas.so.0 >/dev/null 2>&1
+  local lib
+  for lib in /usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3 /usr/lib/*-linux-gnu/libopenblas.so.0 \
+             /usr/lib64/libopenblas.so.0; do
+    [ -e "$lib" ] && return 0
+  done
+  return 1
 }
 
 NEED_MKL=0

@@ -45,17 +45,18 @@ convolution is far slower than ``T`` separate ones.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 
 from metafn.nn.mlp import dense_init
 from metafn.outer import BatchedLoss, task_batched
+from metafn.tree import PyTree
 
 __all__ = [
-    "batch_norm", "max_pool_2x2", "conv4_feature_size", "conv4_init", "conv4_embed", "conv4_apply",
-    "conv4_loss", "conv4_task_embed", "conv4_task_logits", "conv4_task_losses", "conv4_batched_loss",
-    "TASK_METHODS", "BN_EPS",
+    "batch_norm", "max_pool_2x2", "conv3x3", "conv4_feature_size", "conv4_init", "conv4_embed",
+    "conv4_apply", "conv4_loss", "conv4_task_embed", "conv4_task_logits", "conv4_task_losses",
+    "conv4_batched_loss", "TASK_METHODS", "BN_EPS",
 ]
 
 BN_EPS = 1e-5
@@ -121,6 +122,32 @@ def max_pool_2x2(x: mx.array) -> mx.array:
     return mx.max(x.reshape(*lead, h2, 2, w2, 2, c), axis=(-4, -2))
 
 
+def _im2col_conv_tasks(x: mx.array, w: mx.array) -> mx.array:
+    """``T`` independent 3x3 'same' convolutions as one batched matmul.
+
+    ``x (T, B, H, W, Ci)``, ``w (T, Co, 3, 3, Ci)`` -> ``(T, B, H, W, Co)``: the 9 shifted
+    copies of the zero-padded input, concatenated in ``(kh, kw, ci)`` order, times the kernels.
+    """
+    t, b, h, wd, ci = x.shape
+    co = w.shape[1]
+    xp = mx.pad(x, [(0, 0), (0, 0), (1, 1), (1, 1), (0, 0)])
+    cols = mx.concatenate(
+        [xp[:, :, i:i + h, j:j + wd, :] for i in range(3) for j in range(3)], axis=-1
+    )
+    wm = w.reshape(t, co, 9 * ci).transpose(0, 2, 1)  # (T, 9 Ci, Co)
+    return (cols.reshape(t, b * h * wd, 9 * ci) @ wm).reshape(t, b, h, wd, co)
+
+
+def conv3x3(x: mx.array, w: mx.array) -> mx.array:
+    """3x3 convolution, stride 1, zero padding 1: ``x (N, H, W, Ci)``, ``w (Co, 3, 3, Ci)``.
+
+    ``mx.conv2d``; for float64 (which MLX's CPU convolution does not support) the im2col form.
+    """
+    if x.dtype == mx.float64 or w.dtype == mx.float64:
+        return _im2col_conv_tasks(x[None], w[None])[0]
+    return mx.conv2d(x, w, padding=1)
+
+
 def _check_x(params: Conv4Params, x: mx.array, ndim: int, name: str = "x") -> None:
     if not isinstance(x, mx.array):
         raise TypeError(f"{name}: expected an mx.array, got {type(x).__name__}")
@@ -145,7 +172,7 @@ def conv4_embed(params: Conv4Params, x: mx.array) -> mx.array:
     """Features before the head: ``x (N, H, W, C) -> (N, D)`` (flattened in ``(h, w, c)`` order)."""
     _check_x(params, x, 4)
     for blk in params["blocks"]:
-        x = mx.conv2d(x, blk["w"], padding=1)
+        x = conv3x3(x, blk["w"])
         x = max_pool_2x2(mx.maximum(batch_norm(x, blk["gamma"], blk["beta"], (0, 1, 2)), 0.0))
     return x.reshape(x.shape[0], -1)
 
@@ -181,22 +208,6 @@ def conv4_loss(params: Conv4Params, x: mx.array, y: mx.array) -> mx.array:
 # ----------------------------------------------------------------------------- task-batched
 
 
-def _conv_tasks(x: mx.array, w: mx.array, method: str) -> mx.array:
-    """``T`` independent 3x3 'same' convolutions: ``x (T, B, H, W, Ci)``, ``w (T, Co, 3, 3, Ci)``."""
-    t, b, h, wd, ci = x.shape
-    co = w.shape[1]
-    if method == "loop":
-        return mx.stack([mx.conv2d(x[i], w[i], padding=1) for i in range(t)])
-    if method == "im2col":
-        xp = mx.pad(x, [(0, 0), (0, 0), (1, 1), (1, 1), (0, 0)])
-        cols = mx.concatenate(
-            [xp[:, :, i:i + h, j:j + wd, :] for i in range(3) for j in range(3)], axis=-1
-        )
-        wm = w.reshape(t, co, 9 * ci).transpose(0, 2, 1)  # (T, 9 Ci, Co), (kh, kw, ci) order
-        return (cols.reshape(t, b * h * wd, 9 * ci) @ wm).reshape(t, b, h, wd, co)
-    raise ValueError(f"method: expected one of {TASK_METHODS}, got {method!r}")
-
-
 def _task_features_grouped(params_t: Conv4Params, x: mx.array) -> mx.array:
     """Grouped-convolution form: tasks folded into channels ``(B, H, W, T C)`` throughout."""
     t, b, h, w, ci = x.shape
@@ -227,6 +238,9 @@ def conv4_task_embed(params_t: Conv4Params, x: mx.array, method: str = "loop") -
             f"w of shape {params_t['blocks'][0]['w'].shape}"
         )
     if method == "grouped":
+        if x.dtype == mx.float64 or params_t["blocks"][0]["w"].dtype == mx.float64:
+            raise ValueError('method: "grouped" uses mx.conv2d, which has no float64 kernel on '
+                             'CPU; use method="im2col" (or "loop") for float64')
         return _task_features_grouped(params_t, x)
     if method == "loop":
         # Per-task activations stay separate arrays: slicing a stacked activation would cost a
@@ -235,12 +249,12 @@ def conv4_task_embed(params_t: Conv4Params, x: mx.array, method: str = "loop") -
         for i in range(t):
             z = x[i]
             for blk in params_t["blocks"]:
-                z = mx.conv2d(z, blk["w"][i], padding=1)
-                z = max_pool_2x2(mx.maximum(batch_norm(z, blk["gamma"][i], blk["beta"][i], (0, 1, 2)), 0.0))
+                z = batch_norm(conv3x3(z, blk["w"][i]), blk["gamma"][i], blk["beta"][i], (0, 1, 2))
+                z = max_pool_2x2(mx.maximum(z, 0.0))
             feats.append(z.reshape(z.shape[0], -1))
         return mx.stack(feats)
     for blk in params_t["blocks"]:
-        z = _conv_tasks(x, blk["w"], method)
+        z = _im2col_conv_tasks(x, blk["w"])
         g = blk["gamma"][:, None, None, None, :]
         bt = blk["beta"][:, None, None, None, :]
         x = max_pool_2x2(mx.maximum(batch_norm(z, g, bt, (1, 2, 3)), 0.0))
@@ -274,7 +288,8 @@ def conv4_batched_loss(method: str = "loop") -> BatchedLoss:
     if method not in TASK_METHODS:
         raise ValueError(f"method: expected one of {TASK_METHODS}, got {method!r}")
 
-    def losses(params_t: Conv4Params, x: mx.array, y: mx.array) -> mx.array:
+    def losses(params_t: PyTree, x: mx.array, y: mx.array) -> mx.array:
         return conv4_task_losses(params_t, x, y, method)
 
-    return task_batched(losses)
+    fn: Callable[[PyTree, mx.array, mx.array], mx.array] = losses
+    return task_batched(fn)
