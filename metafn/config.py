@@ -80,20 +80,27 @@ class ModelConfig:
 class AlgorithmConfig:
     """The meta-learning algorithm and its inner loop.
 
-    ``multi_step_loss`` (maml, fomaml, metasgd): average the query loss after every inner step
-    (MAML++, Antoniou et al. 2019) instead of using only the last.
+    ``multi_step_loss`` (maml, fomaml): average the query loss after every inner step
+    (MAML++, Antoniou et al. 2019) instead of using only the last; ``step_weights`` gives the
+    weights explicitly (one per inner step).
     """
 
     name: str = "maml"
     inner_lr: float = 0.01
     inner_steps: int = 1
     multi_step_loss: bool = False
+    step_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _require(self.name in ALGORITHMS, "algorithm.name", f"one of {list(ALGORITHMS)}", self.name)
         _require(math.isfinite(self.inner_lr) and self.inner_lr > 0, "algorithm.inner_lr",
                  "a finite float > 0", self.inner_lr)
         _require(self.inner_steps >= 0, "algorithm.inner_steps", "an int >= 0", self.inner_steps)
+        if self.step_weights is not None:
+            _require(len(self.step_weights) == self.inner_steps and all(w >= 0 for w in self.step_weights)
+                     and sum(self.step_weights) > 0, "algorithm.step_weights",
+                     f"null or {self.inner_steps} non-negative weights (one per inner step)",
+                     list(self.step_weights))
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,9 @@ def meta_gradient(
     """
     losses = task_losses(exp)
     name, lr, steps = algorithm.name, algorithm.inner_lr, algorithm.inner_steps
-    weights = (1.0,) * steps if algorithm.multi_step_loss and steps > 0 else None
+    weights = algorithm.step_weights
+    if weights is None and algorithm.multi_step_loss and steps > 0:
+        weights = (1.0,) * steps
     if name == "maml":
         return lambda meta, eps: maml_outer(losses, meta, eps, lr, steps, step_weights=weights)
     if name == "fomaml":
