@@ -137,7 +137,9 @@ class EvalConfig:
     Curves run to ``steps`` fine-tuning steps. For each adaptation budget in ``budgets``
     (default: ``[steps]``) every method's fine-tuning rate is chosen on ``select_tasks``
     validation tasks by its score after that many steps, and the test figure after that many
-    steps is reported at that rate.
+    steps is reported at that rate. ``n_way``, ``k_shot``, ``n_query``, ``within_alphabet`` (when set) change
+    the test and validation episodes from the training ones (e.g. ProtoNets trained 20-way,
+    tested 5-way); a method with a classification head is only evaluated at its own ``n_way``.
     """
 
     n_tasks: int = 1000
@@ -148,6 +150,10 @@ class EvalConfig:
     baselines: bool = True
     pooled_steps: int | None = None
     chunk: int = 100
+    n_way: int | None = None
+    k_shot: int | None = None
+    n_query: int | None = None
+    within_alphabet: bool | None = None
 
     def __post_init__(self) -> None:
         _require(self.n_tasks >= 1, "eval.n_tasks", "an int >= 1", self.n_tasks)
@@ -160,6 +166,10 @@ class EvalConfig:
                  "eval.finetune_lrs", "a non-empty list of finite floats > 0", list(self.finetune_lrs))
         _require(self.select_tasks >= 1, "eval.select_tasks", "an int >= 1", self.select_tasks)
         _require(self.chunk >= 1, "eval.chunk", "an int >= 1", self.chunk)
+        for key, low in (("n_way", 2), ("k_shot", 1), ("n_query", 1)):
+            value = getattr(self, key)
+            if value is not None:
+                _require(value >= low, f"eval.{key}", f"null or an int >= {low}", value)
         if self.pooled_steps is not None:
             _require(self.pooled_steps >= 1, "eval.pooled_steps", "null or an int >= 1", self.pooled_steps)
 

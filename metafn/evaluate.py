@@ -17,7 +17,7 @@ import numpy as np
 
 from metafn.experiment import Experiment, model_params, task_losses
 from metafn.losses import accuracy, cross_entropy, mse
-from metafn.outer import MetaSGDParams, batched_adapt, protonet_logits
+from metafn.outer import MetaSGDParams, batched_adapt, embed_tasks, protonet_logits
 from metafn.random import fold_in
 from metafn.tasks.episode import Episode
 from metafn.tree import PyTree, tree_broadcast
@@ -80,10 +80,12 @@ def protonet_scores(exp: Experiment, params: PyTree, episodes: Episode) -> tuple
     if exp.embed is None or exp.n_way is None:
         raise ValueError("exp: ProtoNet evaluation needs a classification experiment with embed")
     sx, sy, qx, qy = episodes
-    tasks, ns, nq = sx.shape[0], sx.shape[1], qx.shape[1]
-    emb = exp.embed(params, mx.concatenate([sx, qx], axis=1).reshape(-1, *sx.shape[2:]))
-    emb = emb.reshape(tasks, ns + nq, -1)
-    logits = mx.vmap(protonet_logits, in_axes=(0, 0, 0, None))(emb[:, :ns], sy, emb[:, ns:], exp.n_way)
+    ns = sx.shape[1]
+    emb = embed_tasks(exp.embed, params, mx.concatenate([sx, qx], axis=1))
+    n_way = exp.n_way
+    logits = mx.vmap(lambda s_emb, s_y, q_emb: protonet_logits(s_emb, s_y, q_emb, n_way))(
+        emb[:, :ns], sy, emb[:, ns:]
+    )
     loss = mx.vmap(cross_entropy)(logits, qy)
     acc = mx.vmap(accuracy)(logits, qy)
     return np.array(loss)[None], np.array(acc)[None]

@@ -7,6 +7,7 @@ meta-parameters (the initialization, plus inner rates for Meta-SGD).
 """
 
 
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import mlx.core as mx
@@ -86,12 +87,36 @@ def _toy_experiment(config: Config) -> Experiment:
     )
 
 
-def build_experiment(config: Config) -> Experiment:
-    """The :class:`Experiment` for ``config.task.family``."""
-    if config.task.family == "omniglot":
-        from metafn.tasks.omniglot_experiment import omniglot_experiment
+def _omniglot_experiment(config: Config) -> Experiment:
+    from metafn.nn.conv4 import conv4_embed, conv4_init, conv4_task_logits
+    from metafn.tasks.omniglot import load_omniglot, sample_omniglot_episodes, split_omniglot
 
-        return omniglot_experiment(config)
+    task = config.task
+    cache = task.cache_dir or str(Path.home() / ".cache" / "metafn")
+    data = load_omniglot(task.data_dir, cache_dir=cache, image_size=task.image_size)
+    splits = split_omniglot(data, rotations=task.rotations)._asdict()
+    n_way = task.n_way
+
+    def sample(key: mx.array, split: str, n_tasks: int) -> Episode:
+        if split not in splits:
+            raise ValueError(f"split: expected one of {sorted(splits)}, got {split!r}")
+        return sample_omniglot_episodes(key, splits[split], n_tasks, n_way, task.k_shot,
+                                        task.n_query, within_alphabet=task.within_alphabet)
+
+    return Experiment(
+        init_params=lambda key: conv4_init(key, n_way, hidden=config.model.channels,
+                                           image_size=task.image_size),
+        predict_t=conv4_task_logits,
+        sample=sample,
+        embed=conv4_embed,
+        n_way=n_way,
+    )
+
+
+def build_experiment(config: Config) -> Experiment:
+    """The :class:`Experiment` for ``config.task.family`` (toy 2D/sine MLPs, Omniglot conv4)."""
+    if config.task.family == "omniglot":
+        return _omniglot_experiment(config)
     return _toy_experiment(config)
 
 

@@ -34,7 +34,7 @@ from metafn.tree import PyTree, tree_broadcast, tree_map, tree_mean_axis0, tree_
 __all__ = [
     "BatchedLoss", "task_batched", "vmap_tasks", "batched_adapt", "maml_outer", "fomaml_outer",
     "reptile_outer", "reptile_grad", "MetaSGDParams", "metasgd_init", "metasgd_outer",
-    "protonet_logits", "protonet_outer",
+    "protonet_logits", "protonet_outer", "embed_tasks",
 ]
 
 
@@ -253,6 +253,13 @@ def protonet_logits(
     return -sq
 
 
+def embed_tasks(
+    embed_fn: Callable[[PyTree, mx.array], mx.array], params: PyTree, x: mx.array
+) -> mx.array:
+    """Embed each task's examples separately: ``x (T, n, *x) -> (T, n, D)``."""
+    return mx.stack([embed_fn(params, x[t]) for t in range(x.shape[0])])
+
+
 def protonet_outer(
     embed_fn: Callable[[PyTree, mx.array], mx.array],
     params: PyTree,
@@ -261,8 +268,8 @@ def protonet_outer(
 ) -> tuple[mx.array, PyTree, mx.array]:
     """Mean ProtoNet cross-entropy over ``T`` episodes, its gradient, and query accuracy.
 
-    ``embed_fn(params, x)`` embeds a flat batch ``(N, *x) -> (N, D)``; all tasks' images are
-    embedded in one call (the embedding has no per-task parameters).
+    ``embed_fn(params, x)`` embeds a flat batch ``(N, *x) -> (N, D)``; it is called once per
+    episode, so batch-norm statistics (conv4) never mix episodes.
     """
     from metafn.losses import accuracy, cross_entropy
 
@@ -273,10 +280,9 @@ def protonet_outer(
     ns, nq = sx.shape[1], qx.shape[1]
 
     def loss_and_logits(p: PyTree) -> tuple[mx.array, mx.array]:
-        emb = embed_fn(p, mx.concatenate([sx, qx], axis=1).reshape(-1, *sx.shape[2:]))
-        emb = emb.reshape(tasks, ns + nq, -1)
-        logits = mx.vmap(protonet_logits, in_axes=(0, 0, 0, None))(
-            emb[:, :ns], sy, emb[:, ns:], n_way
+        emb = embed_tasks(embed_fn, p, mx.concatenate([sx, qx], axis=1))
+        logits = mx.vmap(lambda s_emb, s_y, q_emb: protonet_logits(s_emb, s_y, q_emb, n_way))(
+            emb[:, :ns], sy, emb[:, ns:]
         )
         return cross_entropy(logits, qy), logits
 

@@ -27,7 +27,7 @@ from metafn.experiment import Experiment, build_experiment, init_meta
 from metafn.random import fold_in, key as make_key
 from metafn.tree import PyTree
 
-__all__ = ["evaluate_methods", "pooled_config", "run_evaluation", "load_meta"]
+__all__ = ["evaluate_methods", "pooled_config", "run_evaluation", "load_meta", "episode_config"]
 
 RANDOM_INIT_STREAM, SELECT_STREAM, TEST_STREAM = 3, 4, 5
 
@@ -38,6 +38,13 @@ def pooled_config(config: Config) -> Config:
     steps = config.eval.pooled_steps or config.train.steps
     train = dataclasses.replace(config.train, steps=steps)
     return dataclasses.replace(config, name=f"{config.name}-pooled", algorithm=algo, train=train)
+
+
+def episode_config(config: Config) -> Config:
+    """``config`` with its task replaced by the evaluation episodes (``eval.n_way`` etc.)."""
+    ev = config.eval
+    changes = {k: getattr(ev, k) for k in ("n_way", "k_shot", "n_query", "within_alphabet") if getattr(ev, k) is not None}
+    return dataclasses.replace(config, task=dataclasses.replace(config.task, **changes)) if changes else config
 
 
 def load_meta(config: Config, path: str | Path) -> PyTree:
@@ -122,15 +129,25 @@ def run_evaluation(
     from metafn.train import train
 
     out = Path(out_dir)
-    exp = build_experiment(config)
+    eval_config = episode_config(config)
+    exp = build_experiment(eval_config)
     algo = config.algorithm.name
     kind = {"protonet": "protonet", "metasgd": "metasgd"}.get(algo, "adapt")
+    same_way = eval_config.task.n_way == config.task.n_way
+    if not same_way and kind != "protonet":
+        raise ValueError(
+            f"eval.n_way: {algo} has a {config.task.n_way}-way head; only protonet can be "
+            f"evaluated at another number of ways ({eval_config.task.n_way})"
+        )
     methods: dict[str, tuple[PyTree, str]] = {algo: (meta, kind)}
-    pooled_summary = None
+    pooled_summary: dict[str, Any] | str | None = None
     if config.eval.baselines:
         random_params = exp.init_params(fold_in(make_key(config.seed), RANDOM_INIT_STREAM))
         methods["random_init"] = (random_params, "adapt")
-        if algo != "pooled":
+        if config.task.family == "omniglot":
+            pooled_summary = ("not run: pooled pre-training over Omniglot's global classes is not "
+                              "implemented yet (episode labels are permuted per task)")
+        elif algo != "pooled" and same_way:
             pcfg = pooled_config(config)
             log(f"training the pooled pre-training baseline ({pcfg.train.steps} steps) in {out / 'pooled'}")
             pstate, pooled_summary = train(pcfg, out / "pooled", progress=progress, log=log)
@@ -145,7 +162,7 @@ def run_evaluation(
         ),
         "train": train_summary,
         "pooled_train": pooled_summary,
-        "methods": evaluate_methods(exp, config, methods, log),
+        "methods": evaluate_methods(exp, eval_config, methods, log),
     }
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     return results

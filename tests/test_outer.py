@@ -13,7 +13,7 @@ from typeguard import TypeCheckError
 from helpers import MSE_MLP, assert_trees_close, to_numpy, random_episodes, small_mlp
 from metafn.inner import adapt
 from metafn.outer import (
-    fomaml_outer, maml_outer, metasgd_init, metasgd_outer, protonet_logits, reptile_grad,
+    fomaml_outer, maml_outer, metasgd_init, metasgd_outer, protonet_logits, protonet_outer, reptile_grad,
     reptile_outer, task_batched, vmap_tasks,
 )
 from metafn.tasks import Episode
@@ -232,3 +232,25 @@ def test_multi_step_loss_averages_per_step_query_losses():
     np.testing.assert_allclose(loss.item(), np.mean(per_step), rtol=1e-5)
     with pytest.raises(ValueError, match="step_weights"):
         maml_outer(MSE_MLP, params, eps, 0.05, 3, step_weights=(1.0, 1.0))
+
+
+def test_protonet_outer_gradient_and_accuracy():
+    from metafn.nn import mlp_apply as apply
+
+    params = small_mlp(23, sizes=(2, 8, 4))
+    rng = np.random.default_rng(0)
+    sx = mx.array(rng.standard_normal((3, 6, 2)), dtype=mx.float32)
+    qx = mx.array(rng.standard_normal((3, 9, 2)), dtype=mx.float32)
+    sy = mx.broadcast_to(mx.array([0, 0, 1, 1, 2, 2]), (3, 6))
+    qy = mx.broadcast_to(mx.array([0, 1, 2] * 3), (3, 9))
+    eps = Episode(sx, sy, qx, qy)
+    loss, grads, acc = protonet_outer(apply, params, eps, 3)
+
+    def per_task(p, t):
+        logits = protonet_logits(apply(p, sx[t]), sy[t], apply(p, qx[t]), 3)
+        return mx.mean(mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, qy[t][:, None], -1)[:, 0])
+
+    ref_loss, ref_grads = mx.value_and_grad(lambda p: sum(per_task(p, t) for t in range(3)) / 3)(params)
+    np.testing.assert_allclose(loss.item(), ref_loss.item(), rtol=1e-5)
+    assert_trees_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+    assert 0.0 <= acc.item() <= 1.0

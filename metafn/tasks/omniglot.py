@@ -456,6 +456,9 @@ def split_omniglot(
                 raise ValueError(f"{name}: alphabet {a!r} is already in the {seen[a]} split; "
                                  f"splits must use disjoint alphabets")
             seen[a] = name
+    if rotations and data.images.shape[-1] != data.images.shape[-2]:
+        raise ValueError(f"rotations: 90-degree rotations need square images, got "
+                         f"{data.images.shape[-2:]}; load with image_size=...")
     r = 4 if rotations else 1
     return OmniglotSplits(*(_subset(data, spec[n], r) for n in ("train", "val", "test")))
 

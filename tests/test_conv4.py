@@ -1,0 +1,202 @@
+"""conv4 (metafn.nn.conv4): shapes, batch norm, pooling, the task-batched form and MAML through it."""
+
+from __future__ import annotations
+
+import metafn  # noqa: F401  (before mlx)
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from metafn.inner import adapt
+from metafn.nn import (
+    batch_norm, conv4_apply, conv4_batched_loss, conv4_embed, conv4_init, conv4_loss,
+    conv4_task_logits, conv4_task_losses, max_pool_2x2,
+)
+from metafn.nn.conv4 import TASK_METHODS, conv4_feature_size
+from metafn.outer import maml_outer, task_batched
+from metafn.tasks import Episode
+from metafn.tree import tree_dot, tree_index, tree_map, tree_norm, tree_stack
+
+from helpers import assert_trees_close
+
+# A tiny conv4: 16x16 images (the smallest that survives four 2x2 poolings), 4 channels.
+S, HID, N, K, Q, T = 16, 4, 3, 2, 2, 2
+
+
+def _f64(tree):
+    return tree_map(lambda a: a.astype(mx.float64) if mx.issubdtype(a.dtype, mx.floating) else a, tree)
+
+
+def _episodes(seed: int, t: int = T, n: int = N, k: int = K, q: int = Q, size: int = S) -> Episode:
+    ks = mx.random.split(mx.random.key(seed), 2)
+    sy = mx.broadcast_to(mx.repeat(mx.arange(n), k), (t, n * k)).astype(mx.int32)
+    qy = mx.broadcast_to(mx.repeat(mx.arange(n), q), (t, n * q)).astype(mx.int32)
+    return Episode(mx.random.uniform(shape=(t, n * k, size, size, 1), key=ks[0]), sy,
+                   mx.random.uniform(shape=(t, n * q, size, size, 1), key=ks[1]), qy)
+
+
+def _task_params(seed: int, t: int = T, **kw):
+    return tree_stack([conv4_init(mx.random.key(seed + i), N, hidden=HID, image_size=S, **kw)
+                       for i in range(t)])
+
+
+def test_shapes_and_init():
+    p = conv4_init(mx.random.key(0), 5)
+    assert [b["w"].shape for b in p["blocks"]] == [(64, 3, 3, 1)] + [(64, 3, 3, 64)] * 3
+    assert p["head"]["w"].shape == (64, 5) and p["head"]["b"].shape == (5,)
+    assert all(mx.array_equal(b["gamma"], mx.ones(64)) and mx.array_equal(b["beta"], mx.zeros(64))
+               for b in p["blocks"])
+    x = mx.random.uniform(shape=(7, 28, 28, 1))
+    assert conv4_apply(p, x).shape == (7, 5) and conv4_embed(p, x).shape == (7, 64)
+    p84 = conv4_init(mx.random.key(0), 5, in_channels=3, hidden=32, image_size=84)
+    assert p84["head"]["w"].shape == (32 * 25, 5)
+    assert conv4_apply(p84, mx.zeros((2, 84, 84, 3))).shape == (2, 5)
+    assert conv4_feature_size(28) == 64 and conv4_feature_size(16, 4) == 4
+    bound = np.sqrt(6 / (9 * 64 + 9 * 64))
+    assert float(mx.max(mx.abs(p["blocks"][1]["w"]))) <= bound
+
+
+def test_bad_inputs_are_named():
+    p = conv4_init(mx.random.key(0), 5)
+    with pytest.raises(ValueError, match="x: expected 1 channels"):
+        conv4_apply(p, mx.zeros((2, 28, 28, 3)))
+    with pytest.raises(ValueError, match=r"x: expected images \(N, H, W, C\)"):
+        conv4_apply(p, mx.zeros((28, 28, 1)))
+    with pytest.raises(ValueError, match="head expects 64"):
+        conv4_apply(p, mx.zeros((2, 56, 56, 1)))
+    with pytest.raises(ValueError, match="image_size.*>= 16"):
+        conv4_init(mx.random.key(0), 5, image_size=8)
+    with pytest.raises(ValueError, match="n_way"):
+        conv4_init(mx.random.key(0), 0)
+    with pytest.raises(ValueError, match="method"):
+        conv4_task_losses(_task_params(0), _episodes(0).support_x, _episodes(0).support_y, "fft")
+    with pytest.raises(ValueError, match="y: expected labels of shape"):
+        conv4_loss(p, mx.zeros((2, 28, 28, 1)), mx.zeros((3,), dtype=mx.int32))
+    with pytest.raises(ValueError, match="params_t: expected a leading task axis of 3"):
+        conv4_task_losses(_task_params(0), mx.zeros((3, 2, S, S, 1)), mx.zeros((3, 2), dtype=mx.int32))
+
+
+def test_batch_norm_and_pool_match_numpy():
+    x = mx.random.normal((5, 6, 7, 3), key=mx.random.key(1)) * 3 + 1
+    g, b = mx.array([1.0, 2.0, 0.5]), mx.array([0.0, -1.0, 3.0])
+    xn = np.array(x)
+    mu, var = xn.mean((0, 1, 2)), xn.var((0, 1, 2))
+    want = (xn - mu) / np.sqrt(var + 1e-5) * np.array(g) + np.array(b)
+    np.testing.assert_allclose(np.array(batch_norm(x, g, b, (0, 1, 2))), want, rtol=1e-4, atol=1e-4)
+    pooled = np.array(max_pool_2x2(x))  # odd width 7 floors to 3
+    assert pooled.shape == (5, 3, 3, 3)
+    np.testing.assert_array_equal(pooled, xn[:, :6, :6].reshape(5, 3, 2, 3, 2, 3).max((2, 4)))
+
+
+@pytest.mark.parametrize("method", TASK_METHODS)
+def test_task_batched_equals_loop_over_tasks(method: str):
+    pt, ep = _task_params(10, t=3), _episodes(3, t=3)
+    want = mx.stack([conv4_loss(tree_index(pt, i), ep.query_x[i], ep.query_y[i]) for i in range(3)])
+    got = conv4_task_losses(pt, ep.query_x, ep.query_y, method)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6)
+    logits = conv4_task_logits(pt, ep.query_x, method)
+    np.testing.assert_allclose(np.array(logits[1]),
+                               np.array(conv4_apply(tree_index(pt, 1), ep.query_x[1])), atol=1e-5)
+    # Gradients of the summed losses hold each task's own gradient.
+    g = mx.grad(lambda p: mx.sum(conv4_task_losses(p, ep.query_x, ep.query_y, method)))(pt)
+    for i in range(3):
+        gi = mx.grad(conv4_loss)(tree_index(pt, i), ep.query_x[i], ep.query_y[i])
+        assert_trees_close(tree_index(g, i), gi, rtol=1e-4, atol=1e-5)
+
+
+def test_maml_task_batched_equals_python_loop():
+    """Second-order MAML over the task-batched conv4 equals averaging per-task MAML gradients."""
+    params = conv4_init(mx.random.key(4), N, hidden=HID, image_size=S)
+    ep = _episodes(5)
+    loss, grads = maml_outer(task_batched(conv4_task_losses), params, ep, 0.3, 2)
+    per_task = []
+    for i in range(T):
+        def objective(p):
+            adapted = adapt(conv4_loss, p, ep.support_x[i], ep.support_y[i], 2, 0.3)
+            return conv4_loss(adapted, ep.query_x[i], ep.query_y[i])
+        per_task.append(mx.value_and_grad(objective)(params))
+    np.testing.assert_allclose(loss.item(), np.mean([l.item() for l, _ in per_task]), rtol=1e-5)
+    want = tree_map(lambda *gs: sum(gs) / T, *[g for _, g in per_task])
+    assert_trees_close(grads, want, rtol=1e-4, atol=1e-5)
+
+
+def _onehot_mse(method: str):
+    """A task-batched squared error on conv4 logits: no exp, so float64 stays exact in MLX."""
+
+    def losses(p, x, y):
+        target = (y[..., None] == mx.arange(N)).astype(x.dtype)
+        return mx.mean(mx.square(conv4_task_logits(p, x, method) - target), axis=(1, 2))
+
+    return task_batched(losses)
+
+
+def _directions(params, count: int):
+    out = []
+    for i in range(count):
+        v = tree_map(lambda a: mx.random.normal(a.shape, key=mx.random.key(100 * i + a.size),
+                                                dtype=a.dtype), params)
+        norm = tree_norm(v)
+        out.append(tree_map(lambda a: a / norm, v))
+    return out
+
+
+def _central_difference(f, params, v, eps: float) -> float:
+    plus = f(tree_map(lambda p, d: p + eps * d, params, v))
+    minus = f(tree_map(lambda p, d: p - eps * d, params, v))
+    return (plus - minus).item() / (2 * eps)
+
+
+def test_maml_second_order_matches_finite_differences_float64():
+    """MLX's conv2d has no float64 kernel on CPU, but the im2col form (pad, slices, batched
+    matmul) runs in float64: central differences (eps 1e-6) match the second-order meta-gradient
+    along random directions, and the first-order (FOMAML) gradient does not."""
+    params = _f64(conv4_init(mx.random.key(1), N, hidden=HID, image_size=S))
+    ep = _f64(_episodes(2))
+    loss = _onehot_mse("im2col")
+    _, g2 = maml_outer(loss, params, ep, 0.3, 2)
+    _, g1 = maml_outer(loss, params, ep, 0.3, 2, first_order=True)
+    assert g2["blocks"][0]["w"].dtype == mx.float64
+    f = lambda p: maml_outer(loss, p, ep, 0.3, 2)[0]  # noqa: E731
+    for v in _directions(params, 3):
+        fd = _central_difference(f, params, v, 1e-6)
+        assert abs(fd - tree_dot(g2, v).item()) < 1e-7 + 1e-5 * abs(fd)
+        assert abs(fd - tree_dot(g1, v).item()) > 1e-4
+
+
+def test_maml_cross_entropy_finite_differences_float64():
+    """The same with the cross-entropy loss; MLX's float64 ``exp`` has only float32 accuracy
+    (~3e-7 relative), so the difference step and tolerance are coarser."""
+    params = _f64(conv4_init(mx.random.key(3), N, hidden=HID, image_size=S))
+    ep = _f64(_episodes(4))
+    loss = conv4_batched_loss("im2col")
+    _, g2 = maml_outer(loss, params, ep, 0.3, 1)
+    f = lambda p: maml_outer(loss, p, ep, 0.3, 1)[0]  # noqa: E731
+    for v in _directions(params, 3):
+        fd = _central_difference(f, params, v, 1e-5)
+        assert abs(fd - tree_dot(g2, v).item()) < 2e-3 + 1e-2 * abs(fd)
+
+
+def test_methods_agree_on_meta_gradients():
+    """conv2d per task and grouped conv2d (float32) agree with the float64 im2col form that
+    the finite-difference tests verify."""
+    params = conv4_init(mx.random.key(6), N, hidden=HID, image_size=S)
+    ep = _episodes(7)
+    l64, g64 = maml_outer(conv4_batched_loss("im2col"), _f64(params), _f64(ep), 0.3, 1)
+    g64 = tree_map(lambda a: a.astype(mx.float32), g64)
+    for method in ("loop", "grouped"):
+        l32, g32 = maml_outer(conv4_batched_loss(method), params, ep, 0.3, 1)
+        np.testing.assert_allclose(l32.item(), l64.item(), rtol=1e-5)
+        assert_trees_close(g32, g64, rtol=2e-3, atol=2e-4)
+    # The default (method="loop") is what task_batched(conv4_task_losses) runs.
+    _, g = maml_outer(task_batched(conv4_task_losses), params, ep, 0.3, 1)
+    assert_trees_close(g, maml_outer(conv4_batched_loss("loop"), params, ep, 0.3, 1)[1], 0, 0)
+
+
+def test_first_order_on_real_sized_model():
+    """FOMAML on a full-width 28x28 conv4 runs and gives finite gradients of the right shapes."""
+    params = conv4_init(mx.random.key(0), 5)
+    ep = _episodes(1, t=2, n=5, k=1, q=2, size=28)
+    loss, g = maml_outer(task_batched(conv4_task_losses), params, ep, 0.4, 1, first_order=True)
+    assert np.isfinite(loss.item())
+    assert tree_map(lambda a: a.shape, g) == tree_map(lambda a: a.shape, params)
+    assert np.isfinite(tree_norm(g).item())
