@@ -9,6 +9,12 @@ kitchen_and_dining, home, auto_and_commute, small_talk); the 'meta' domain is va
     python examples/clinc_meta.py --algo fomaml --minutes 40 --out /work/runs/clinc/meta_fomaml
     python examples/clinc_meta.py --algo maml --inner-steps 2 --minutes 40 --out .../meta_maml
     python examples/clinc_meta.py --algo reptile --inner-steps 4 --minutes 40 --out .../meta_reptile
+    python examples/clinc_meta.py --algo pooled --minutes 40 --out .../pooled
+
+``--algo pooled`` is the transfer baseline (DESIGN.md: pre-training on all tasks pooled):
+supervised 90-way classification of every train-domain utterance (cosine head initialized
+from the frozen prototypes, Adam on adapter + head, minibatches of ``--batch``); only the
+adapter is kept. ``--algo protonet`` trains with 0 inner steps (ProtoNet over the adapter).
 
 Writes ``<out>/best.safetensors`` (best validation accuracy), ``<out>/last.safetensors`` and
 ``<out>/log.jsonl``.
@@ -66,7 +72,7 @@ def evaluate(model, meta, xs, masks, episodes, n_way, cfg, chunk=10):
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--algo", choices=("fomaml", "maml", "reptile", "protonet"), default="fomaml")
+    ap.add_argument("--algo", choices=("fomaml", "maml", "reptile", "protonet", "pooled"), default="fomaml")
     ap.add_argument("--method", default="lora")
     ap.add_argument("--split", type=int, default=3)
     ap.add_argument("--r", type=int, default=8)
@@ -83,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale", type=float, default=10.0)
     ap.add_argument("--learn-scale", action="store_true")
     ap.add_argument("--clip", type=float, default=10.0)
+    ap.add_argument("--batch", type=int, default=32, help="pooled: utterances per step")
+    ap.add_argument("--head-lr", type=float, default=1e-2, help="pooled: head learning rate")
     ap.add_argument("--minutes", type=float, default=40.0)
     ap.add_argument("--max-steps", type=int, default=100000)
     ap.add_argument("--val-every", type=int, default=100)
@@ -135,6 +143,28 @@ def main(argv: list[str] | None = None) -> None:
                 "val_seconds": time.perf_counter() - t0})
         return max(m, m0)
 
+    if args.algo == "pooled":
+        from metafn.tasks.clinc import resolve_domains
+
+        intents = [t for d in resolve_domains(data, "train") for t in data.domains[d]]
+        pool = np.array(sorted(r for t in intents for r in data.by_intent["train"][t]))
+        label = {t: i for i, t in enumerate(intents)}
+        pool_y = np.zeros(len(tr.labels), np.int32)
+        for t in intents:
+            pool_y[list(data.by_intent["train"][t])] = label[t]
+        np_masks = np.array(masks)
+        pooled_head = tm.proto_head(mx.array(tr.emb[pool]), mx.array(pool_y[pool]), len(intents))
+        head_opt = adam(args.head_lr)
+        head_state = head_opt.init(pooled_head)
+        pool_rng = np.random.default_rng(args.seed)
+        scale = args.scale
+
+        def pooled_loss(ad, hd, x, m, y):
+            return tm.text_loss(model, ad, hd, scale, x, m, y)
+
+        pooled_grad = mx.value_and_grad(pooled_loss, argnums=(0, 1))
+        log(f"pooled: {len(pool)} utterances of {len(intents)} intents")
+
     best = validate(0)
     save_checkpoint(args.out / "best.safetensors", meta, {"step": 0, "val": best, "args": vars(args) | {"out": str(args.out), "cache": str(args.cache)}})
     start = time.perf_counter()
@@ -144,10 +174,24 @@ def main(argv: list[str] | None = None) -> None:
     while step < args.max_steps and train_seconds < args.minutes * 60:
         step += 1
         t0 = time.perf_counter()
-        s, sy, q, qy = episode_rows(fold_in(fold_in(root, 1), step), data, tr, "train", args.tasks,
-                                    args.way, args.shot, args.query)
-        batch = tm.text_batch(xs, masks, s, sy, q, qy)
-        if args.algo == "reptile":
+        if args.algo == "pooled":
+            rows = np.sort(pool_rng.choice(pool, size=args.batch, replace=False))
+            ln = tm.bucket_length(np_masks[rows])
+            idx = mx.array(rows.astype(np.int32))
+            loss, (ga, gh) = pooled_grad(meta.adapter, pooled_head, xs[idx][:, :ln],
+                                         masks[idx][:, :ln], mx.array(pool_y[rows]))
+            grads = tm.MetaParams(ga, mx.zeros_like(meta.log_scale))
+            uh, head_state = head_opt.update(gh, head_state, pooled_head)
+            pooled_head = apply_updates(pooled_head, uh)
+            acc = mx.array([0.0])
+            mx.eval(pooled_head, head_state)
+        else:
+            s, sy, q, qy = episode_rows(fold_in(fold_in(root, 1), step), data, tr, "train",
+                                        args.tasks, args.way, args.shot, args.query)
+            batch = tm.text_batch(xs, masks, s, sy, q, qy)
+        if args.algo == "pooled":
+            pass
+        elif args.algo == "reptile":
             loss, grads, acc = tm.text_reptile_grad(model, meta, batch, args.way, train_cfg)
         else:
             loss, grads, acc = tm.text_maml_outer(model, meta, batch, args.way, train_cfg,

@@ -34,7 +34,8 @@ RANDOM_INIT_STREAM, SELECT_STREAM, TEST_STREAM = 3, 4, 5
 
 def pooled_config(config: Config) -> Config:
     """The pooled pre-training baseline's config: same tasks and budget, no inner loop."""
-    algo = dataclasses.replace(config.algorithm, name="pooled", inner_steps=0)
+    algo = dataclasses.replace(config.algorithm, name="pooled", inner_steps=0, step_weights=None,
+                               multi_step_loss=False)
     steps = config.eval.pooled_steps or config.train.steps
     train = dataclasses.replace(config.train, steps=steps)
     return dataclasses.replace(config, name=f"{config.name}-pooled", algorithm=algo, train=train)

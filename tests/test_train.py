@@ -159,3 +159,13 @@ def test_cli_validate_shipped_configs():
     for path in sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
         res = run_cli("validate", "--config", str(path))
         assert res.returncode == 0, (path, res.stdout, res.stderr)
+
+
+def test_pooled_baseline_config_drops_the_inner_loop_settings():
+    from metafn.report import pooled_config
+
+    data = json.loads(json.dumps(SMALL))
+    data["algorithm"].update(inner_steps=3, step_weights=[2.0, 1.0, 1.0])
+    pooled = pooled_config(config_from_dict(data))
+    assert pooled.algorithm.name == "pooled" and pooled.algorithm.inner_steps == 0
+    assert pooled.algorithm.step_weights is None and pooled.train.steps == data["train"]["steps"]
