@@ -136,7 +136,14 @@ def _eval(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, baselines=False))
     meta = load_meta(config, ckpt)
     out = Path(args.out or ckpt.parent)
-    run_evaluation(config, out, meta, None, progress=not args.no_progress)
+    last = ckpt.parent / "last.safetensors"
+    summary = None
+    if last.exists():
+        info = read_metadata(last)
+        summary = {"step": info.get("step"), "best": info.get("best"),
+                   "train_seconds": info.get("train_seconds"),
+                   "seconds_per_step": (info.get("train_seconds") or 0.0) / max(info.get("step") or 1, 1)}
+    run_evaluation(config, out, meta, summary, progress=not args.no_progress)
     print(f"results: {out / 'results.json'}")
     return 0
 
