@@ -11,7 +11,7 @@ sizes floored (28 -> 14 -> 7 -> 3 -> 1, so the 28x28 feature size is ``D = hidde
 ``D = 25 hidden``). Batch norm uses the statistics of the batch it is given (transductive, as in
 MAML, which has no running averages): per channel ``c`` over the ``(N, H, W)`` axes,
 
-    mu_c = mean(x_c),  var_c = mean(x_c^2) - mu_c^2   (one pass over x, biased variance)
+    mu_c = mean(x_c),  var_c = mean((x_c - mu_c)^2)   (two passes, biased variance)
     y = gamma_c (x - mu_c) / sqrt(var_c + eps) + beta_c,   eps = 1e-5.
 
 Parameters::
@@ -107,16 +107,29 @@ def conv4_init(
     return {"blocks": blocks, "head": dense_init(keys[4], d, n_way)}
 
 
+def _staged_mean(x: mx.array, axes: tuple[int, ...]) -> mx.array:
+    """Mean over ``axes`` (kept as size 1), one axis at a time from the innermost.
+
+    MLX's float32 mean over several large axes at once accumulates ~40x more rounding error than
+    XLA's (relative 5e-6 against 1.4e-7 measured over (N, H, W)); after max-pooling that error
+    flips arg-maxes and moves whole gradient entries. Reducing axis by axis sums shorter runs.
+    """
+    for axis in sorted(axes, reverse=True):
+        x = mx.mean(x, axis=axis, keepdims=True)
+    return x
+
+
 def batch_norm(
     x: mx.array, gamma: mx.array, beta: mx.array, axes: tuple[int, ...], eps: float = BN_EPS
 ) -> mx.array:
     """Batch norm with the batch's own statistics over ``axes`` (see the module docstring).
 
     ``gamma`` and ``beta`` broadcast against the reduced statistics (shape of ``x`` with ``axes``
-    set to 1). Computed as ``x * s + (beta - mu s)`` with ``s = gamma / sqrt(var + eps)``.
+    set to 1). Two passes: ``mu = mean(x)``, ``var = mean((x - mu)^2)`` (staged reductions, see
+    :func:`_staged_mean`); computed as ``x * s + (beta - mu s)`` with ``s = gamma / sqrt(var + eps)``.
     """
-    mu = mx.mean(x, axis=axes, keepdims=True)
-    var = mx.maximum(mx.mean(mx.square(x), axis=axes, keepdims=True) - mx.square(mu), 0.0)
+    mu = _staged_mean(x, axes)
+    var = _staged_mean(mx.square(x - mu), axes)
     scale = gamma * mx.rsqrt(var + eps)
     return x * scale + (beta - mu * scale)
 
