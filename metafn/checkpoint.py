@@ -9,36 +9,18 @@ into the structure of a *template* tree (NamedTuples included), checking paths, 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
+from metafn._atomic import atomic_write, atomic_write_text
 from metafn.tree import PyTree
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_metadata", "atomic_write_text"]
 
 _META_KEY = "metafn"
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(path: str | Path, tree: PyTree, metadata: dict[str, Any] | None = None) -> None:
@@ -54,18 +36,7 @@ def save_checkpoint(path: str | Path, tree: PyTree, metadata: dict[str, Any] | N
     if not arrays:
         raise ValueError("tree: nothing to save (no arrays)")
     meta_json = json.dumps(metadata or {}, sort_keys=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".safetensors")
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, arrays, metadata={_META_KEY: meta_json})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: mx.save_safetensors(tmp, arrays, metadata={_META_KEY: meta_json}))
     atomic_write_text(path.with_suffix(".json"), json.dumps(metadata or {}, indent=2, sort_keys=True))
 
 

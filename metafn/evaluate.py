@@ -10,7 +10,7 @@ ProtoNets are evaluated by nearest-prototype accuracy (no fine-tuning).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 import numpy as np

@@ -273,11 +273,11 @@ def protonet_outer(
     """
     from metafn.losses import accuracy, cross_entropy
 
-    tasks = check_episode_batch(episodes)
+    check_episode_batch(episodes)
     if not isinstance(n_way, int) or n_way < 2:
         raise ValueError(f"n_way: expected an int >= 2, got {n_way!r}")
     sx, sy, qx, qy = episodes
-    ns, nq = sx.shape[1], qx.shape[1]
+    ns = sx.shape[1]
 
     def loss_and_logits(p: PyTree) -> tuple[mx.array, mx.array]:
         emb = embed_tasks(embed_fn, p, mx.concatenate([sx, qx], axis=1))

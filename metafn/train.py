@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import mlx.core as mx
-import numpy as np
 
 from metafn.checkpoint import load_checkpoint, save_checkpoint
 from metafn.config import Config, config_to_dict

@@ -46,13 +46,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import mlx.core as mx
+
+from metafn._atomic import atomic_write, atomic_write_bytes
 import numpy as np
 
 from metafn.tree import PyTree, tree_flatten
@@ -351,20 +352,6 @@ def bert_load(
     return config, params, tokenizer
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def bert_save(
     model_dir: str | os.PathLike[str],
     config: BertConfig,
@@ -383,21 +370,12 @@ def bert_save(
         if k.endswith((".wq", ".scales", ".biases")) or ".lora_" in k:
             raise ValueError(f"params: {k!r} is an adapter/quantized entry; merge adapters "
                              f"(e.g. lora_merge / qlora_dequantize) before bert_save")
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".model.", suffix=".safetensors")
-    os.close(fd)
-    try:
-        mx.save_safetensors(tmp, hf, metadata={"format": "pt"})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out / "model.safetensors")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(out / "model.safetensors", lambda tmp: mx.save_safetensors(tmp, hf, metadata={"format": "pt"}))
     cfg = asdict(config)
     head = {k: cfg.pop(k) for k in ("pooling", "normalize", "max_seq_length")}
     cfg.update({"model_type": "bert", "architectures": ["BertModel"],
                 "position_embedding_type": "absolute"})
-    _atomic_write_bytes(out / "config.json", json.dumps(cfg, indent=2).encode())
+    atomic_write_bytes(out / "config.json", json.dumps(cfg, indent=2).encode())
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -405,17 +383,17 @@ def bert_save(
     if head["normalize"]:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
                         "type": "sentence_transformers.models.Normalize"})
-    _atomic_write_bytes(out / "modules.json", json.dumps(modules, indent=2).encode())
+    atomic_write_bytes(out / "modules.json", json.dumps(modules, indent=2).encode())
     (out / "1_Pooling").mkdir(exist_ok=True)
     pool = {"word_embedding_dimension": config.hidden_size,
             "pooling_mode_cls_token": head["pooling"] == "cls",
             "pooling_mode_mean_tokens": head["pooling"] == "mean"}
-    _atomic_write_bytes(out / "1_Pooling" / "config.json", json.dumps(pool, indent=2).encode())
-    _atomic_write_bytes(out / "sentence_bert_config.json",
+    atomic_write_bytes(out / "1_Pooling" / "config.json", json.dumps(pool, indent=2).encode())
+    atomic_write_bytes(out / "sentence_bert_config.json",
                         json.dumps({"max_seq_length": head["max_seq_length"],
                                     "do_lower_case": False}).encode())
     if tokenizer is not None:
-        _atomic_write_bytes(out / "tokenizer.json", tokenizer.tokenizer.to_str().encode())
+        atomic_write_bytes(out / "tokenizer.json", tokenizer.tokenizer.to_str().encode())
     return out
 
 

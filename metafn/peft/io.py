@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+
+from metafn._atomic import atomic_write
 
 from metafn.peft.adalora import AdaLoraConfig
 from metafn.peft.baselines import FullConfig, HeadConfig
@@ -110,20 +111,6 @@ def _decode_tree(spec: Any, arrays: dict[str, mx.array]) -> Any:
     return tuple(_decode_tree(v, arrays) for v in spec["__tuple__"])
 
 
-def _atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.stem + ".", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_tree(path: str | os.PathLike[str], tree: PyTree, metadata: dict[str, str] | None = None) -> Path:
     """Write a pytree of arrays to one ``.safetensors`` file (atomically), structure included."""
     path = Path(path)
@@ -136,7 +123,7 @@ def save_tree(path: str | os.PathLike[str], tree: PyTree, metadata: dict[str, st
         if not isinstance(k, str) or not isinstance(v, str):
             raise TypeError(f"metadata: keys and values must be str, got {k!r}: {v!r}")
     meta["metafn_tree"] = json.dumps(spec)
-    _atomic(path, lambda tmp: mx.save_safetensors(tmp, arrays, metadata=meta))
+    atomic_write(path, lambda tmp: mx.save_safetensors(tmp, arrays, metadata=meta))
     return path
 
 
@@ -175,7 +162,7 @@ def save_adapter(
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text + "\n")
 
-    _atomic(directory / ADAPTER_CONFIG, write)
+    atomic_write(directory / ADAPTER_CONFIG, write)
     return directory
 
 

@@ -59,13 +59,14 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import mlx.core as mx
 import numpy as np
+
+from metafn._atomic import atomic_write
 
 from metafn.tasks.episode import Episode
 
@@ -326,21 +327,16 @@ def _read_cache(file: Path) -> OmniglotData | None:
 
 
 def _write_cache(file: Path, data: OmniglotData) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=file.name, suffix=".tmp.npz", dir=file.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             np.savez_compressed(
                 f, images=data.images, alphabet_index=data.alphabet_index,
                 alphabets=np.array(data.alphabets, dtype=np.str_),
                 characters=np.array(data.characters, dtype=np.str_),
                 sources=np.array(data.sources, dtype=np.str_),
             )
-        os.replace(tmp, file)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(file, write)
 
 
 def load_omniglot(
