@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     log(f"{args.algo} over {model.method.name}: {n_params} adapter parameters")
     opt = chain(clip_by_global_norm(args.clip), adam(args.meta_lr))
     opt_state = opt.init(meta)
-    inner_opt = "sgd"
+    inner_opt = "adam" if args.algo == "reptile" else "sgd"  # Reptile: Adam inside (Nichol et al.)
     train_cfg = tm.AdaptConfig(steps=args.inner_steps, lr=args.inner_lr, head_lr=args.inner_head_lr,
                                optimizer=inner_opt)
     if args.algo == "protonet":

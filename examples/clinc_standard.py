@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ls", type=float, default=0.0, help="label smoothing")
     ap.add_argument("--wd", type=float, default=0.0)
     ap.add_argument("--token-drop", type=float, default=0.0)
+    ap.add_argument("--proto-weight", type=float, default=0.0)
+    ap.add_argument("--classes-per-batch", type=int, default=16)
     ap.add_argument("--l2", type=float, default=1e-4, help="logreg penalty")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -148,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
                     cfg = tm.FinetuneConfig(epochs=args.epochs, batch_size=args.batch, lr=args.lr,
                                             head_lr=args.head_lr, scale=args.scale,
                                             label_smoothing=args.ls, weight_decay=args.wd,
-                                            token_drop=args.token_drop)
+                                            token_drop=args.token_drop,
+                                            proto_weight=args.proto_weight,
+                                            classes_per_batch=args.classes_per_batch)
                     adapter, head, hist = tm.finetune(
                         model, adapter, head, x, m, y, cfg, fold_in(key, 2),
                         log=lambda r: log(f"  epoch {r['epoch']} loss {r['loss']:.4f} "

@@ -55,12 +55,11 @@ from metafn.tree import PyTree, tree_map, tree_mean_axis0, tree_sub
 
 __all__ = [
     "TokenTable", "pretokenize", "bucket_length", "TextModel", "frozen_method", "text_model",
-    "model_inputs", "precompute_inputs", "precompute_layers", "model_embed", "proto_head", "head_logits",
-    "softmax_ce", "loo_proto_loss", "text_loss", "AdaptConfig", "adapt_text", "MetaParams", "meta_init",
-    "TextBatch", "text_batch", "episode_query_loss", "text_maml_outer", "text_reptile_grad",
-    "episode_accuracy", "proto_accuracy", "FinetuneConfig", "finetune", "embed_all",
-    "predict_logits",
-    "accuracy_np",
+    "model_inputs", "precompute_inputs", "precompute_layers", "model_embed", "proto_head",
+    "head_logits", "softmax_ce", "loo_proto_loss", "text_loss", "AdaptConfig", "adapt_text",
+    "MetaParams", "meta_init", "TextBatch", "text_batch", "episode_query_loss",
+    "text_maml_outer", "text_reptile_grad", "episode_accuracy", "proto_accuracy",
+    "FinetuneConfig", "finetune", "embed_all", "predict_logits", "accuracy_np",
 ]
 
 
@@ -240,7 +239,8 @@ def model_embed(
     """Unit-norm sentence embeddings ``e_phi(x) (B, d)`` of inputs ``x`` (from
     :func:`model_inputs`) with attention ``mask (B, L)``; ``key`` enables adapter dropout."""
     if x.shape[:2] != mask.shape:
-        raise ValueError(f"mask: expected shape {x.shape[:2]} (as x's first two axes), got {mask.shape}")
+        raise ValueError(f"mask: expected shape {x.shape[:2]} (as x's first two axes), "
+                         f"got {mask.shape}")
     if model.bottom is None:
         u = model.method.apply(model.top, adapter, bert.sentence_embed, model.config, x, mask,
                                key=key)
@@ -294,7 +294,8 @@ def text_loss(
 def loo_proto_loss(emb: mx.array, y: mx.array, n_classes: int, scale: float | mx.array) -> mx.array:
     """Leave-one-out prototypical loss over a batch (Snell et al. 2017 with every example as a
     query): ``emb (B, d)``, labels ``y (B,)`` in ``[0, m)`` (``m = n_classes``; every class
-    present in the batch at least twice; absent classes are left out of the softmax). For example ``i`` the prototype of class ``c`` is the mean
+    present in the batch at least twice; absent classes are left out of the softmax). For
+    example ``i`` the prototype of class ``c`` is the mean
     of the batch's class-``c`` embeddings, without ``i`` itself for its own class:
 
         p_c^(-i) = (sum_{j: y_j = c} e_j - [c = y_i] e_i) / (n_c - [c = y_i])
@@ -432,7 +433,8 @@ def text_batch(
     def take(rows: np.ndarray) -> tuple[mx.array, mx.array]:
         idx = mx.array(rows.ravel().astype(np.int32))
         x = inputs[idx][:, :length]
-        return x.reshape(*rows.shape, *x.shape[1:]), masks[idx][:, :length].reshape(*rows.shape, length)
+        m = masks[idx][:, :length]
+        return x.reshape(*rows.shape, *x.shape[1:]), m.reshape(*rows.shape, length)
 
     sx, sm = take(support_rows)
     qx, qm = take(query_rows)
