@@ -39,6 +39,8 @@ from typing import Any, NamedTuple, Sequence
 import mlx.core as mx
 import numpy as np
 
+from metafn.tasks.datadir import default_data_dir
+
 __all__ = [
     "DOMAIN_SPLITS", "ClincData", "TextDataset", "TextEpisode", "default_clinc_dir", "load_clinc",
     "sample_few_shot", "eval_set", "sample_text_episode", "sample_text_episodes",
@@ -99,21 +101,9 @@ class TextEpisode(NamedTuple):
 
 
 def default_clinc_dir() -> Path:
-    """``$METAFN_CLINC150``, else ``$METAFN_SHARED_DATA/clinc150``, else
-    ``<repo>/../shared/data/clinc150``; raises ``FileNotFoundError`` if none exists."""
-    candidates = []
-    if os.environ.get("METAFN_CLINC150"):
-        candidates.append(Path(os.environ["METAFN_CLINC150"]))
-    if os.environ.get("METAFN_SHARED_DATA"):
-        candidates.append(Path(os.environ["METAFN_SHARED_DATA"]) / "clinc150")
-    candidates.append(Path(__file__).resolve().parents[3] / "shared" / "data" / "clinc150")
-    for c in candidates:
-        if c.is_dir():
-            return c
-    raise FileNotFoundError(
-        "CLINC150 not found; looked in " + ", ".join(str(c) for c in candidates)
-        + ". Pass path= (a directory with train_val.json or a split file) or set METAFN_CLINC150."
-    )
+    """``$METAFN_CLINC150``, else ``$METAFN_SHARED_DATA/clinc150``, else ``<repo>/../shared/data/clinc150``;
+    raises ``FileNotFoundError`` if none exists."""
+    return default_data_dir("clinc150", "METAFN_CLINC150", "Pass path= (a directory with train_val.json or a split file) or set METAFN_CLINC150.")
 
 
 def _read_json(path: Path, what: str) -> Any:

@@ -68,6 +68,7 @@ import numpy as np
 
 from metafn._atomic import atomic_write
 
+from metafn.tasks.datadir import default_data_dir
 from metafn.tasks.episode import Episode
 
 __all__ = [
@@ -132,21 +133,9 @@ class OmniglotSplits(NamedTuple):
 
 
 def default_omniglot_dir() -> Path:
-    """``$METAFN_OMNIGLOT``, else ``$METAFN_SHARED_DATA/omniglot``, else
-    ``<repo>/../shared/data/omniglot``; raises ``FileNotFoundError`` if none exists."""
-    candidates = []
-    if os.environ.get("METAFN_OMNIGLOT"):
-        candidates.append(Path(os.environ["METAFN_OMNIGLOT"]))
-    if os.environ.get("METAFN_SHARED_DATA"):
-        candidates.append(Path(os.environ["METAFN_SHARED_DATA"]) / "omniglot")
-    candidates.append(Path(__file__).resolve().parents[3] / "shared" / "data" / "omniglot")
-    for c in candidates:
-        if c.is_dir():
-            return c
-    raise FileNotFoundError(
-        "Omniglot not found; looked in " + ", ".join(str(c) for c in candidates)
-        + ". Pass paths= (zip files or a directory of them) or set METAFN_OMNIGLOT."
-    )
+    """``$METAFN_OMNIGLOT``, else ``$METAFN_SHARED_DATA/omniglot``, else ``<repo>/../shared/data/omniglot``;
+    raises ``FileNotFoundError`` if none exists."""
+    return default_data_dir("omniglot", "METAFN_OMNIGLOT", "Pass paths= (zip files or a directory of them) or set METAFN_OMNIGLOT.")
 
 
 def _resolve_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None) -> list[Path]:
