@@ -26,9 +26,9 @@ _blas.warn_if_slow()
 from metafn import losses, nn, optim, random, tasks, tree  # noqa: E402
 from metafn.inner import adapt, inner_update  # noqa: E402
 from metafn.outer import (  # noqa: E402
-    BatchedLoss, MetaSGDParams, batched_adapt, fomaml_outer, maml_outer, metasgd_init,
-    metasgd_outer, protonet_logits, protonet_outer, reptile_grad, reptile_outer, task_batched,
-    vmap_tasks,
+    BatchedLoss, LSLRParams, MetaSGDParams, batched_adapt, fomaml_outer, lslr_init, lslr_outer,
+    lslr_rates, lslr_steps, maml_outer, metasgd_init, metasgd_outer, protonet_logits,
+    protonet_outer, reptile_grad, reptile_outer, task_batched, vmap_tasks,
 )
 from metafn.tasks import Episode, sample_episode, sample_episodes  # noqa: E402
 
@@ -37,7 +37,8 @@ __version__ = "0.1.0"
 __all__ = [
     "losses", "nn", "optim", "random", "tasks", "tree",
     "adapt", "inner_update", "BatchedLoss", "MetaSGDParams", "batched_adapt", "fomaml_outer",
-    "maml_outer", "metasgd_init", "metasgd_outer", "protonet_logits", "protonet_outer",
+    "maml_outer", "metasgd_init", "metasgd_outer", "LSLRParams", "lslr_init", "lslr_outer",
+    "lslr_rates", "lslr_steps", "protonet_logits", "protonet_outer",
     "reptile_grad", "reptile_outer", "task_batched", "vmap_tasks",
     "Episode", "sample_episode", "sample_episodes", "__version__",
 ]

@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 FAMILIES = ("sine", "linear2d", "xor", "circles", "spirals", "omniglot")
-ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "pooled", "protonet")
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "mamlpp", "pooled", "protonet")
 
 
 class ConfigError(ValueError):
@@ -49,6 +49,7 @@ class TaskConfig:
     image_size: int = 28
     rotations: bool = True
     within_alphabet: bool = False
+    translation_range: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _require(self.family in FAMILIES, "task.family", f"one of {list(FAMILIES)}", self.family)
@@ -60,6 +61,13 @@ class TaskConfig:
             _require(self.n_way is not None and self.n_way >= 2, "task.n_way", "an int >= 2", self.n_way)
         _require(math.isfinite(self.noise) and self.noise >= 0, "task.noise", "a finite float >= 0", self.noise)
         _require(self.image_size >= 8, "task.image_size", "an int >= 8", self.image_size)
+        if self.translation_range is not None:
+            t = self.translation_range
+            _require(self.family in ("linear2d", "xor", "circles", "spirals"),
+                     "task.translation_range", "null except for the 2D families", list(t))
+            _require(len(t) == 2 and all(math.isfinite(v) for v in t) and t[0] <= t[1],
+                     "task.translation_range", "a [low, high] pair of finite floats, low <= high",
+                     list(t))
 
 
 @dataclass(frozen=True)
@@ -80,9 +88,15 @@ class ModelConfig:
 class AlgorithmConfig:
     """The meta-learning algorithm and its inner loop.
 
-    ``multi_step_loss`` (maml, fomaml): average the query loss after every inner step
+    ``multi_step_loss`` (maml, fomaml, mamlpp): average the query loss after every inner step
     (MAML++, Antoniou et al. 2019) instead of using only the last; ``step_weights`` gives the
     weights explicitly (one per inner step).
+
+    ``mamlpp`` is MAML with MAML++'s per-layer per-step learned inner rates (LSLR): one rate per
+    parameter tensor and inner step, all starting at ``inner_lr``, meta-learned with the
+    initialization (:func:`metafn.outer.lslr_outer`); it needs ``inner_steps >= 1``. Combine it
+    with ``multi_step_loss`` for MAML++'s multi-step loss. ``first_order`` (mamlpp only) drops
+    the second-order term as FOMAML does (``name: fomaml`` is first-order plain MAML).
     """
 
     name: str = "maml"
@@ -90,12 +104,19 @@ class AlgorithmConfig:
     inner_steps: int = 1
     multi_step_loss: bool = False
     step_weights: tuple[float, ...] | None = None
+    first_order: bool = False
 
     def __post_init__(self) -> None:
         _require(self.name in ALGORITHMS, "algorithm.name", f"one of {list(ALGORITHMS)}", self.name)
         _require(math.isfinite(self.inner_lr) and self.inner_lr > 0, "algorithm.inner_lr",
                  "a finite float > 0", self.inner_lr)
         _require(self.inner_steps >= 0, "algorithm.inner_steps", "an int >= 0", self.inner_steps)
+        if self.name == "mamlpp":
+            _require(self.inner_steps >= 1, "algorithm.inner_steps",
+                     "an int >= 1 for mamlpp (it learns one rate per inner step)", self.inner_steps)
+        _require(not self.first_order or self.name == "mamlpp", "algorithm.first_order",
+                 f"false for {self.name} (only mamlpp reads it; name: fomaml is first-order MAML)",
+                 self.first_order)
         if self.step_weights is not None:
             _require(len(self.step_weights) == self.inner_steps and all(w >= 0 for w in self.step_weights)
                      and sum(self.step_weights) > 0, "algorithm.step_weights",
@@ -140,6 +161,12 @@ class EvalConfig:
     steps is reported at that rate. ``n_way``, ``k_shot``, ``n_query``, ``within_alphabet`` (when set) change
     the test and validation episodes from the training ones (e.g. ProtoNets trained 20-way,
     tested 5-way); a method with a classification head is only evaluated at its own ``n_way``.
+
+    The pooled pre-training baseline trains for ``pooled_steps`` steps (default
+    ``train.steps``). On Omniglot it is supervised cross-entropy over all meta-train classes
+    under global labels, ``pooled_batch_size`` images a step (default: as many images as a
+    meta-training step sees, ``train.meta_batch_size * n_way * (k_shot + n_query)``); the toy
+    families train on meta-batches of episodes and take no batch size.
     """
 
     n_tasks: int = 1000
@@ -149,6 +176,7 @@ class EvalConfig:
     select_tasks: int = 200
     baselines: bool = True
     pooled_steps: int | None = None
+    pooled_batch_size: int | None = None
     chunk: int = 100
     n_way: int | None = None
     k_shot: int | None = None
@@ -172,6 +200,9 @@ class EvalConfig:
                 _require(value >= low, f"eval.{key}", f"null or an int >= {low}", value)
         if self.pooled_steps is not None:
             _require(self.pooled_steps >= 1, "eval.pooled_steps", "null or an int >= 1", self.pooled_steps)
+        if self.pooled_batch_size is not None:
+            _require(self.pooled_batch_size >= 1, "eval.pooled_batch_size", "null or an int >= 1",
+                     self.pooled_batch_size)
 
 
 @dataclass(frozen=True)
@@ -191,6 +222,10 @@ class Config:
         if self.algorithm.name == "protonet":
             _require(self.task.n_way is not None, "algorithm.name",
                      "a classification family for protonet", self.task.family)
+        if self.eval.pooled_batch_size is not None:
+            _require(self.task.family == "omniglot", "eval.pooled_batch_size",
+                     "null except for task.family omniglot (the toy families' pooled baseline "
+                     "trains on meta-batches of episodes)", self.eval.pooled_batch_size)
 
 
 def _check_type(value: Any, tp: Any, key: str) -> Any:

@@ -15,9 +15,9 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from metafn.experiment import Experiment, model_params, task_losses
+from metafn.experiment import Experiment, learned_inner_rates, model_params, task_losses
 from metafn.losses import accuracy, cross_entropy, mse
-from metafn.outer import MetaSGDParams, batched_adapt, embed_tasks, protonet_logits
+from metafn.outer import batched_adapt, embed_tasks, protonet_logits
 from metafn.random import fold_in
 from metafn.tasks.episode import Episode
 from metafn.tree import PyTree, tree_broadcast
@@ -49,14 +49,13 @@ def adaptation_curve(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Query loss (and accuracy) per task after 0..steps SGD steps: arrays ``(steps+1, T)``.
 
-    ``lr=None`` uses Meta-SGD's learned per-parameter rates (``meta`` a MetaSGDParams).
+    ``lr=None`` uses the rates learned with ``meta`` (:func:`metafn.experiment.learned_inner_rates`):
+    Meta-SGD's per-parameter rates at every step, or LSLR's (mamlpp) per-tensor rates of step
+    ``k`` for the ``k``-th step, the last learned step's beyond those learned.
     """
-    if lr is None:
-        if not isinstance(meta, MetaSGDParams):
-            raise ValueError("lr: None is only valid for Meta-SGD meta-parameters")
-        rate: Any = meta.lr
-    else:
-        rate = lr
+    if lr is None and learned_inner_rates(meta, 0) is None:
+        raise ValueError("lr: None is only valid for meta-parameters with learned rates "
+                         "(Meta-SGD or mamlpp)")
     losses = task_losses(exp)
     tasks = episodes.support_x.shape[0]
     params_t = tree_broadcast(model_params(meta), tasks)
@@ -68,6 +67,7 @@ def adaptation_curve(
         if acc is not None:
             acc_rows.append(np.array(acc))
         if k < steps:
+            rate = learned_inner_rates(meta, k) if lr is None else lr
             params_t = batched_adapt(
                 losses, params_t, episodes.support_x, episodes.support_y, 1, rate, first_order=True
             )

@@ -3,27 +3,36 @@
 An :class:`Experiment` bundles a model (``init_params``, a task-batched ``predict_t``), a loss
 kind, and a task sampler. :func:`meta_gradient` turns it and an algorithm config into the pure
 ``(meta, episodes) -> (loss, grads)`` that the trainer differentiates; :func:`init_meta` gives the
-meta-parameters (the initialization, plus inner rates for Meta-SGD).
+meta-parameters (the initialization, plus inner rates for Meta-SGD and MAML++'s LSLR).
+
+A :class:`PooledTask` is the pooled pre-training baseline of Omniglot: ordinary supervised
+cross-entropy of conv4 over all meta-train classes under global labels
+(:func:`build_pooled_task`, :func:`pooled_update`); :func:`with_zero_head` then swaps its
+``n_classes``-way head for a fresh N-way one before fine-tuning on test episodes.
 """
 
-
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import mlx.core as mx
 
 from metafn.config import AlgorithmConfig, Config
 from metafn.losses import cross_entropy, mse
 from metafn.nn.mlp import mlp_apply, mlp_init
+from metafn.optim import GradientTransformation, apply_updates
 from metafn.outer import (
-    BatchedLoss, MetaSGDParams, maml_outer, metasgd_init, metasgd_outer, protonet_outer,
-    reptile_grad, task_batched,
+    BatchedLoss, LSLRParams, MetaSGDParams, lslr_init, lslr_outer, lslr_rates, maml_outer,
+    metasgd_init, metasgd_outer, protonet_outer, reptile_grad, task_batched,
 )
 from metafn.tasks.episode import Episode
 from metafn.tree import PyTree
 
 __all__ = ["Experiment", "build_experiment", "task_losses", "init_meta", "meta_gradient",
-           "model_params"]
+           "model_params", "learned_inner_rates", "LEARNED_RATE_ALGORITHMS", "PooledTask",
+           "build_pooled_task", "pooled_update", "with_zero_head"]
+
+LEARNED_RATE_ALGORITHMS = ("metasgd", "mamlpp")
+"""Algorithms whose meta-parameters carry their own inner rates (used again at evaluation)."""
 
 Sampler = Callable[[mx.array, str, int], Episode]
 
@@ -60,9 +69,10 @@ def _toy_experiment(config: Config) -> Experiment:
     from metafn.tasks.sampling import family_from_name, sample_episodes
 
     task = config.task
-    family = family_from_name(task.family) if task.family == "sine" else family_from_name(
-        task.family, noise=task.noise
-    )
+    options: dict[str, object] = {} if task.family == "sine" else {"noise": task.noise}
+    if task.translation_range is not None:
+        options["translation_range"] = tuple(task.translation_range)
+    family = family_from_name(task.family, **options)
     d_in, d_out = (1, 1) if task.family == "sine" else (2, task.n_way)
     sizes = [d_in, *config.model.hidden, d_out]
     activation = config.model.activation
@@ -87,14 +97,22 @@ def _toy_experiment(config: Config) -> Experiment:
     )
 
 
-def _omniglot_experiment(config: Config) -> Experiment:
-    from metafn.nn.conv4 import conv4_embed, conv4_init, conv4_task_logits
-    from metafn.tasks.omniglot import load_omniglot, sample_omniglot_episodes, split_omniglot
+def _omniglot_splits(config: Config) -> dict[str, Any]:
+    """``{"train", "val", "test"}`` -> :class:`~metafn.tasks.omniglot.OmniglotData` of ``config.task``."""
+    from metafn.tasks.omniglot import load_omniglot, split_omniglot
 
     task = config.task
     cache = task.cache_dir or str(Path.home() / ".cache" / "metafn")
     data = load_omniglot(task.data_dir, cache_dir=cache, image_size=task.image_size)
-    splits = split_omniglot(data, rotations=task.rotations)._asdict()
+    return split_omniglot(data, rotations=task.rotations)._asdict()
+
+
+def _omniglot_experiment(config: Config) -> Experiment:
+    from metafn.nn.conv4 import conv4_embed, conv4_init, conv4_task_logits
+    from metafn.tasks.omniglot import sample_omniglot_episodes
+
+    task = config.task
+    splits = _omniglot_splits(config)
     n_way = task.n_way
 
     def sample(key: mx.array, split: str, n_tasks: int) -> Episode:
@@ -121,16 +139,34 @@ def build_experiment(config: Config) -> Experiment:
 
 
 def init_meta(exp: Experiment, algorithm: AlgorithmConfig, key: mx.array) -> PyTree:
-    """Meta-parameters: the model's initialization, with per-parameter inner rates for Meta-SGD."""
+    """Meta-parameters: the model's initialization, with per-parameter inner rates for Meta-SGD
+    (:class:`MetaSGDParams`) and per-tensor per-step rates for mamlpp (:class:`LSLRParams`),
+    all starting at ``algorithm.inner_lr``."""
     params = exp.init_params(key)
     if algorithm.name == "metasgd":
         return metasgd_init(params, algorithm.inner_lr)
+    if algorithm.name == "mamlpp":
+        return lslr_init(params, algorithm.inner_lr, algorithm.inner_steps)
     return params
 
 
 def model_params(meta: PyTree) -> PyTree:
-    """The model parameters inside meta-parameters (drops Meta-SGD's rates)."""
-    return meta.params if isinstance(meta, MetaSGDParams) else meta
+    """The model parameters inside meta-parameters (drops Meta-SGD's or LSLR's rates)."""
+    return meta.params if isinstance(meta, (MetaSGDParams, LSLRParams)) else meta
+
+
+def learned_inner_rates(meta: PyTree, step: int) -> PyTree | None:
+    """The rates meta-parameters carry for fine-tuning step ``step`` (0-based), or None.
+
+    Meta-SGD: its per-parameter rate tree, the same at every step. LSLR (mamlpp): the per-tensor
+    scalar rates of that inner step; steps beyond the ``S`` learned ones use the last step's
+    rates (:func:`metafn.outer.lslr_rates`). Plain parameters carry no rates: None.
+    """
+    if isinstance(meta, MetaSGDParams):
+        return meta.lr
+    if isinstance(meta, LSLRParams):
+        return lslr_rates(meta, step)
+    return None
 
 
 def meta_gradient(
@@ -139,7 +175,9 @@ def meta_gradient(
     """The pure ``(meta, episodes) -> (meta_loss, meta_grads)`` of ``algorithm.name``.
 
     maml (second order), fomaml, reptile (pseudo-gradient theta - mean adapted), metasgd,
-    pooled (the query loss at theta itself: pre-training on all tasks pooled), protonet.
+    mamlpp (MAML with LSLR rates; second order unless ``algorithm.first_order``), pooled (the
+    query loss at theta itself: pre-training on all tasks pooled), protonet. ``multi_step_loss``
+    / ``step_weights`` apply to maml, fomaml and mamlpp.
     """
     losses = task_losses(exp)
     name, lr, steps = algorithm.name, algorithm.inner_lr, algorithm.inner_steps
@@ -154,6 +192,9 @@ def meta_gradient(
         return lambda meta, eps: reptile_grad(losses, meta, eps, lr, steps)
     if name == "metasgd":
         return lambda meta, eps: metasgd_outer(losses, meta, eps, steps)
+    if name == "mamlpp":
+        first_order = algorithm.first_order
+        return lambda meta, eps: lslr_outer(losses, meta, eps, first_order, weights)
     if name == "pooled":
         return lambda meta, eps: maml_outer(losses, meta, eps, lr, 0)
     if name == "protonet":
@@ -167,3 +208,91 @@ def meta_gradient(
 
         return proto
     raise ValueError(f"algorithm.name: unknown algorithm {name!r}")
+
+
+# ----------------------------------------------------------------------------- pooled baseline
+
+
+class PooledTask(NamedTuple):
+    """Supervised pre-training on all meta-train classes pooled (Omniglot's pooled baseline).
+
+    init_params(key) -> conv4 parameters with an ``n_classes``-way head; sample(key) -> images
+    ``x (B, H, W, 1)`` and global labels ``y (B,)`` drawn from the meta-train split
+    (:func:`metafn.tasks.omniglot.sample_omniglot_batch`); loss(params, x, y) -> the mean
+    cross-entropy ``(1/B) sum_i -log softmax(conv4(x_i))_{y_i}`` (batch norm with the
+    statistics of the batch, as in every other use of conv4).
+    """
+
+    init_params: Callable[[mx.array], PyTree]
+    sample: Callable[[mx.array], tuple[mx.array, mx.array]]
+    loss: Callable[[PyTree, mx.array, mx.array], mx.array]
+    n_classes: int
+    batch_size: int
+
+
+def build_pooled_task(config: Config) -> PooledTask:
+    """The :class:`PooledTask` of an Omniglot ``config``: conv4 with ``model.channels`` channels
+    over the meta-train split's classes (characters x 4 rotations with ``task.rotations``),
+    ``eval.pooled_batch_size`` images a step, by default as many as one meta-training step
+    sees: ``train.meta_batch_size * n_way * (k_shot + n_query)``."""
+    from metafn.nn.conv4 import conv4_init, conv4_loss
+    from metafn.tasks.omniglot import sample_omniglot_batch
+
+    if config.task.family != "omniglot":
+        raise ValueError(f"config.task.family: pooled pre-training over global classes needs "
+                         f"omniglot, got {config.task.family!r}")
+    train_split = _omniglot_splits(config)["train"]
+    n_classes = train_split.n_classes
+    task = config.task
+    batch = config.eval.pooled_batch_size or (
+        config.train.meta_batch_size * task.n_way * (task.k_shot + task.n_query))
+    channels, size = config.model.channels, task.image_size
+    if batch > n_classes * train_split.n_drawings:
+        raise ValueError(f"eval.pooled_batch_size: {batch} exceeds the {n_classes * train_split.n_drawings} "
+                         f"images of the meta-train split; set a smaller eval.pooled_batch_size")
+    return PooledTask(
+        init_params=lambda key: conv4_init(key, n_classes, hidden=channels, image_size=size),
+        sample=lambda key: sample_omniglot_batch(key, train_split, batch),
+        loss=conv4_loss,
+        n_classes=n_classes,
+        batch_size=batch,
+    )
+
+
+def pooled_update(
+    loss: Callable[[PyTree, mx.array, mx.array], mx.array], optimizer: GradientTransformation
+) -> Callable[[PyTree, PyTree, mx.array, mx.array], tuple[PyTree, PyTree, mx.array]]:
+    """The pure pre-training step ``(params, opt_state, x, y) -> (params, opt_state, loss)``:
+    ``g = grad loss(params, x, y)``, then one ``optimizer`` update; ``loss`` is the value
+    before the update."""
+    value_and_grad = mx.value_and_grad(loss)
+
+    def update(
+        params: PyTree, opt_state: PyTree, x: mx.array, y: mx.array
+    ) -> tuple[PyTree, PyTree, mx.array]:
+        value, grads = value_and_grad(params, x, y)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return apply_updates(params, updates), opt_state, value
+
+    return update
+
+
+def with_zero_head(params: PyTree, n_way: int) -> PyTree:
+    """conv4 ``params`` with the linear head replaced by a zero ``n_way``-way head (body kept).
+
+    ``{"blocks": ..., "head": {"w": (D, C), "b": (C,)}} -> {"blocks": ..., "head": {"w": 0 (D,
+    n_way), "b": 0 (n_way,)}}``. With a zero head every class has the same logit, so accuracy
+    before fine-tuning is chance, and on a balanced support set (``K`` of each of the ``N``
+    classes) the first SGD step of rate ``lr`` gives exactly ``b = 0`` and column ``c`` of ``w``
+    ``= (lr / N) (mu_c - mu)``, ``mu_c`` the mean feature of class ``c`` and ``mu`` of all
+    support images: a linear classifier along the class-mean directions, with no random head
+    adding noise to the comparison.
+    """
+    if not isinstance(params, dict) or not isinstance(params.get("head"), dict) or "w" not in params["head"]:
+        raise ValueError("params: expected conv4 parameters with a linear head {'head': {'w', 'b'}}")
+    if isinstance(n_way, bool) or not isinstance(n_way, int) or n_way < 1:
+        raise ValueError(f"n_way: expected an int >= 1, got {n_way!r}")
+    w = params["head"]["w"]
+    head = {"w": mx.zeros((w.shape[0], n_way), dtype=w.dtype),
+            "b": mx.zeros((n_way,), dtype=params["head"]["b"].dtype)}
+    return {**params, "head": head}

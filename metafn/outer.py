@@ -18,6 +18,10 @@ Meta-objective (MAML, Finn et al. 2017), for inner rate alpha and S inner steps:
 gradient at theta'_t. Reptile (Nichol et al. 2018) moves theta toward the adapted parameters:
 ``theta + beta (mean_t theta'_t - theta)``; ``reptile_grad`` returns ``theta - mean_t theta'_t``
 so any outer optimizer can take it.
+
+Learned inner rates: Meta-SGD (Li et al. 2017) learns one rate per parameter *entry*, shared by
+all inner steps (:class:`MetaSGDParams`); MAML++'s LSLR (Antoniou et al. 2019) learns one rate per
+parameter *tensor* and inner step (:class:`LSLRParams`, :func:`lslr_outer`).
 """
 
 from __future__ import annotations
@@ -29,11 +33,14 @@ import mlx.core as mx
 from metafn.inner import LearningRate, check_lr
 from metafn.losses import LossFn
 from metafn.tasks.episode import Episode, check_episode_batch
-from metafn.tree import PyTree, tree_broadcast, tree_map, tree_mean_axis0, tree_sub
+from metafn.tree import (
+    PyTree, tree_broadcast, tree_flatten, tree_map, tree_mean_axis0, tree_sub,
+)
 
 __all__ = [
     "BatchedLoss", "task_batched", "vmap_tasks", "batched_adapt", "maml_outer", "fomaml_outer",
     "reptile_outer", "reptile_grad", "MetaSGDParams", "metasgd_init", "metasgd_outer",
+    "LSLRParams", "lslr_init", "lslr_steps", "lslr_rates", "lslr_outer",
     "protonet_logits", "protonet_outer", "embed_tasks",
 ]
 
@@ -109,25 +116,27 @@ def _check_step_weights(step_weights: tuple[float, ...] | None, steps: int) -> N
 def _maml_objective(
     loss_fn: LossFn | BatchedLoss,
     episodes: Episode,
-    inner_lr_of: Callable[[PyTree], LearningRate],
+    inner_lr_of: Callable[[PyTree, int], LearningRate],
     params_of: Callable[[PyTree], PyTree],
     steps: int,
     first_order: bool,
     step_weights: tuple[float, ...] | None = None,
 ) -> Callable[[PyTree], mx.array]:
+    """The meta-loss as a function of the meta-parameters; ``inner_lr_of(meta, s)`` is the rate
+    of inner step ``s`` (a scalar or a tree broadcasting against one parameter copy)."""
     batched = vmap_tasks(loss_fn)
     sx, sy, qx, qy = episodes
     tasks = sx.shape[0]
 
     def objective(meta: PyTree) -> mx.array:
         params_t = tree_broadcast(params_of(meta), tasks)
-        lr = inner_lr_of(meta)
         if step_weights is None:
-            adapted = batched_adapt(batched, params_t, sx, sy, steps, lr, first_order)
-            return mx.mean(batched.fn(adapted, qx, qy))
+            for s in range(steps):
+                params_t = batched_adapt(batched, params_t, sx, sy, 1, inner_lr_of(meta, s), first_order)
+            return mx.mean(batched.fn(params_t, qx, qy))
         total = 0.0
-        for w in step_weights:
-            params_t = batched_adapt(batched, params_t, sx, sy, 1, lr, first_order)
+        for s, w in enumerate(step_weights):
+            params_t = batched_adapt(batched, params_t, sx, sy, 1, inner_lr_of(meta, s), first_order)
             if w:
                 total = total + w * mx.mean(batched.fn(params_t, qx, qy))
         return total / sum(step_weights)
@@ -155,7 +164,7 @@ def maml_outer(
     _check(params, episodes, inner_lr, steps)
     _check_step_weights(step_weights, steps)
     objective = _maml_objective(
-        loss_fn, episodes, lambda _: inner_lr, lambda p: p, steps, first_order, step_weights
+        loss_fn, episodes, lambda _, s: inner_lr, lambda p: p, steps, first_order, step_weights
     )
     return mx.value_and_grad(objective)(params)
 
@@ -230,7 +239,106 @@ def metasgd_outer(
         raise TypeError(f"meta: expected MetaSGDParams (see metasgd_init), got {type(meta).__name__}")
     _check(meta.params, episodes, meta.lr, steps)
     objective = _maml_objective(
-        loss_fn, episodes, lambda m: m.lr, lambda m: m.params, steps, first_order=False
+        loss_fn, episodes, lambda m, s: m.lr, lambda m: m.params, steps, first_order=False
+    )
+    return mx.value_and_grad(objective)(meta)
+
+
+class LSLRParams(NamedTuple):
+    """MAML++'s meta-parameters with LSLR, per-layer per-step learned inner rates (Antoniou et al. 2019).
+
+    params: the initialization theta, a parameter tree.
+    lr: a tree with the keys of ``params`` whose leaf for each parameter tensor ``l`` (of any
+      shape) is a vector ``(S,)``: ``lr[l][s] = alpha_{l,s}``, the rate of tensor ``l`` at inner
+      step ``s``, for ``S`` inner steps.
+    """
+
+    params: PyTree
+    lr: PyTree
+
+
+def lslr_init(params: PyTree, lr: float, steps: int) -> LSLRParams:
+    """LSLR meta-parameters for ``steps`` inner steps, every rate ``alpha_{l,s} = lr``.
+
+    The rate vectors have the dtype of their parameter tensors.
+    """
+    check_lr(lr, params)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps: expected an int >= 1 (LSLR learns one rate per inner step), got {steps!r}")
+    return LSLRParams(params, tree_map(lambda p: mx.full((steps,), lr, dtype=p.dtype), params))
+
+
+def _check_lslr(meta: LSLRParams) -> int:
+    """The number of inner steps ``S`` of ``meta``; errors for a malformed rate tree."""
+    if not isinstance(meta, LSLRParams):
+        raise TypeError(f"meta: expected LSLRParams (see lslr_init), got {type(meta).__name__}")
+    p_keys = [k for k, _ in tree_flatten(meta.params)]
+    rates = tree_flatten(meta.lr)
+    if [k for k, _ in rates] != p_keys:
+        raise ValueError(
+            f"meta.lr: expected one rate vector per parameter tensor with the keys of meta.params; "
+            f"got keys {[k for k, _ in rates][:6]}... for params keys {p_keys[:6]}..."
+        )
+    shapes = {tuple(v.shape) for _, v in rates}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 1 or next(iter(shapes))[0] < 1:
+        raise ValueError(
+            f"meta.lr: expected every leaf to be a vector (S,) of per-step rates with the same "
+            f"S >= 1, got shapes {sorted(shapes)}"
+        )
+    return next(iter(shapes))[0]
+
+
+def lslr_steps(meta: LSLRParams) -> int:
+    """``S``, the number of inner steps ``meta``'s rates were learned for."""
+    return _check_lslr(meta)
+
+
+def lslr_rates(meta: LSLRParams, step: int) -> PyTree:
+    """The rates of inner step ``step``: a tree of scalars ``alpha_{l,s}`` shaped like ``meta.params``'s
+    keys (each leaf shape ``()``, broadcasting against its tensor).
+
+    Steps at or beyond ``S`` (adapting for longer than the rates were learned for, e.g. at
+    evaluation) use the last learned step's rates ``alpha_{l,S-1}``.
+    """
+    n = _check_lslr(meta)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step: expected a non-negative int, got {step!r}")
+    return _rates_at(meta.lr, min(step, n - 1))
+
+
+def _rates_at(lr: PyTree, step: int) -> PyTree:
+    return tree_map(lambda a: a[step], lr)
+
+
+def lslr_outer(
+    loss_fn: LossFn | BatchedLoss,
+    meta: LSLRParams,
+    episodes: Episode,
+    first_order: bool = False,
+    step_weights: tuple[float, ...] | None = None,
+) -> tuple[mx.array, LSLRParams]:
+    """MAML with per-layer per-step learned inner rates (MAML++'s LSLR, Antoniou et al. 2019).
+
+    For each task ``t`` and inner step ``s = 0..S-1`` (``S = lslr_steps(meta)``), every
+    parameter tensor ``l`` moves with its own rate of that step::
+
+        theta^{s+1}_{t,l} = theta^s_{t,l} - alpha_{l,s} * grad_l L_support_t(theta^s_t),  theta^0_t = theta
+        L_meta = (1/T) sum_t L_query_t(theta^S_t)
+
+    or, with ``step_weights`` ``w`` (one per step; MAML++'s multi-step loss),
+    ``L_meta = sum_s w_s (1/T) sum_t L_query_t(theta^{s+1}_t) / sum_s w_s``. Returns ``L_meta``
+    and its gradient with respect to both ``meta.params`` (shapes of the parameters) and
+    ``meta.lr`` (``(S,)`` per tensor). Second order by default; ``first_order=True`` treats the
+    inner gradients ``g_{l,s}`` as constants (the rates still get a gradient through the updates:
+    for the last-step loss, ``dL/d alpha_{l,s} = -<grad_l L_query(theta^S), g_{l,s}>``). With every
+    rate equal to ``alpha`` it equals ``maml_outer(loss_fn, meta.params, episodes, alpha, S, ...)``.
+    """
+    steps = _check_lslr(meta)
+    check_episode_batch(episodes)
+    _check_step_weights(step_weights, steps)
+    objective = _maml_objective(
+        loss_fn, episodes, lambda m, s: _rates_at(m.lr, s), lambda m: m.params, steps,
+        first_order, step_weights,
     )
     return mx.value_and_grad(objective)(meta)
 

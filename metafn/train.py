@@ -23,7 +23,9 @@ import mlx.core as mx
 from metafn.checkpoint import load_checkpoint, save_checkpoint
 from metafn.config import Config, config_to_dict
 from metafn.evaluate import curve_over_tasks
-from metafn.experiment import Experiment, build_experiment, init_meta, meta_gradient
+from metafn.experiment import (
+    LEARNED_RATE_ALGORITHMS, Experiment, build_experiment, init_meta, meta_gradient,
+)
 from metafn.optim import (
     GradientTransformation, adam, apply_updates, chain, clip_by_global_norm,
     cosine_decay_schedule, sgd,
@@ -93,7 +95,7 @@ def validation_score(exp: Experiment, config: Config, meta: PyTree, run_key: mx.
     """Query loss/accuracy after ``inner_steps`` adaptation on the fixed validation tasks."""
     algo = config.algorithm
     scorer = "protonet" if algo.name == "protonet" else "adapt"
-    lr = None if algo.name == "metasgd" else algo.inner_lr
+    lr = None if algo.name in LEARNED_RATE_ALGORITHMS else algo.inner_lr
     steps = max(algo.inner_steps, 1)
     loss, acc = curve_over_tasks(
         exp, meta, fold_in(run_key, EVAL_STREAM), "val", config.train.val_tasks, steps, lr,

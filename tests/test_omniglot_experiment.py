@@ -1,18 +1,56 @@
-"""Omniglot through the config / trainer / evaluation path (small conv4, real shared data)."""
+"""Omniglot through the config / trainer / evaluation path (small conv4; real shared data, and
+tiny generated zips for the pooled baseline and mamlpp)."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import metafn  # noqa: F401
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from metafn.config import config_from_dict
-from metafn.experiment import build_experiment
+from helpers import assert_trees_close
+from metafn.config import ConfigError, config_from_dict
+from metafn.evaluate import adaptation_curve
+from metafn.experiment import (
+    build_experiment, build_pooled_task, init_meta, learned_inner_rates, pooled_update,
+    task_losses, with_zero_head,
+)
+from metafn.nn import conv4_loss
+from metafn.optim import adam
+from metafn.outer import LSLRParams, batched_adapt, lslr_rates
 from metafn.report import run_evaluation
+from metafn.tasks.omniglot import load_omniglot, sample_omniglot_batch, split_omniglot
 from metafn.train import train
+from metafn.tree import tree_broadcast, tree_leaves, tree_map
+from test_omniglot import _layout, _write_zip
+
+# Five alphabets of 3 characters x 4 drawings: the default split for alphabets without an
+# evaluation zip puts sorted indices 0-2 in train (Alpha, Beta, Delta), 3 in val (Epsilon) and
+# 4 in test (Gamma); with rotations, 3 x 3 x 4 = 36 meta-train classes.
+TINY_ALPHABETS = {"Alpha": 3, "Beta": 3, "Gamma": 3, "Delta": 3, "Epsilon": 3}
+TINY_TRAIN_CLASSES = 36
+
+
+@pytest.fixture
+def tiny_omniglot(tmp_path):
+    return _write_zip(tmp_path / "tiny_background.zip", _layout(TINY_ALPHABETS))
+
+
+def tiny_config(zip_path, tmp_path, algorithm="maml", algo_overrides=None, **eval_overrides):
+    return config_from_dict({
+        "name": f"tiny-{algorithm}",
+        "task": {"family": "omniglot", "n_way": 3, "k_shot": 1, "n_query": 2, "rotations": True,
+                 "image_size": 16, "data_dir": str(zip_path), "cache_dir": str(tmp_path / "cache")},
+        "model": {"channels": 4},
+        "algorithm": {"name": algorithm, "inner_lr": 0.4, "inner_steps": 1, **(algo_overrides or {})},
+        "train": {"steps": 2, "meta_batch_size": 2, "compile": False, "log_interval": 1,
+                  "eval_interval": 2, "save_interval": 2, "val_tasks": 2},
+        "eval": {"n_tasks": 4, "steps": 2, "select_tasks": 2, "chunk": 2, "finetune_lrs": [0.1],
+                 "pooled_steps": 3, "pooled_batch_size": 8, **eval_overrides},
+    })
 
 
 def omniglot_config(shared_data, tmp_path, algorithm="protonet", **eval_overrides):
@@ -46,8 +84,9 @@ def test_omniglot_train_and_evaluate(shared_data, tmp_path, algorithm):
     state, summary = train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
     assert summary["step"] == 4 and (tmp_path / "run" / "best.safetensors").exists()
     results = run_evaluation(cfg, tmp_path / "run", state.meta, summary, progress=False, log=lambda s: None)
-    assert set(results["methods"]) == {algorithm, "random_init"}
-    assert "not run" in results["pooled_train"]
+    assert set(results["methods"]) == {algorithm, "random_init", "pooled"}
+    pooled = results["pooled_train"]
+    assert pooled["steps"] == 4 and pooled["n_classes"] == 688 and pooled["batch_size"] == 2 * 5 * 3
     acc = results["methods"][algorithm]["budgets"][0]["accuracy_mean"]
     assert 0.0 <= acc <= 1.0
     assert json.loads((tmp_path / "run" / "results.json").read_text())["name"] == cfg.name
@@ -61,3 +100,144 @@ def test_protonet_can_be_tested_at_more_ways_but_maml_cannot(shared_data, tmp_pa
     cfg = omniglot_config(shared_data, tmp_path, "maml", n_way=20)
     with pytest.raises(ValueError, match="eval.n_way"):
         run_evaluation(cfg, tmp_path / "m", meta, progress=False, log=lambda s: None)
+
+
+# ----------------------------------------------------------------------------- pooled baseline
+
+
+def test_pooled_batch_labels_are_global_class_ids(tiny_omniglot):
+    train_split = split_omniglot(load_omniglot(tiny_omniglot, image_size=16), rotations=True).train
+    assert train_split.n_classes == TINY_TRAIN_CLASSES
+    x, y = sample_omniglot_batch(mx.random.key(0), train_split, 40)
+    assert x.shape == (40, 16, 16, 1) and x.dtype == mx.float32 and y.dtype == mx.int32
+    x, y = np.rint(np.array(x)[..., 0] * 255).astype(np.uint8), np.array(y)
+    # Every image of every class k = 4 c + r: character c's drawings rotated by r * 90 degrees.
+    images = np.stack([np.rot90(train_split.images[k // 4], k % 4, axes=(-2, -1))
+                       for k in range(TINY_TRAIN_CLASSES)])
+    pairs = set()
+    for img, label in zip(x, y):
+        matches = np.nonzero(np.all(images == img, axis=(-2, -1)))  # (class, drawing) equal to img
+        assert set(matches[0]) == {label}, "an image must match drawings of its own label only"
+        pairs.add((int(label), int(matches[1][0])))
+    assert len(pairs) == 40  # distinct (class, drawing) pairs
+    x2, y2 = sample_omniglot_batch(mx.random.key(0), train_split, 40)
+    np.testing.assert_array_equal(np.array(y2), y)
+    with pytest.raises(ValueError, match="batch_size: 145 exceeds the 144 images"):
+        sample_omniglot_batch(mx.random.key(0), train_split, 145)
+    with pytest.raises(ValueError, match="batch_size"):
+        sample_omniglot_batch(mx.random.key(0), train_split, 0)
+
+
+def test_pooled_step_lowers_the_loss_on_a_fixed_batch(tiny_omniglot, tmp_path):
+    task = build_pooled_task(tiny_config(tiny_omniglot, tmp_path))
+    assert task.n_classes == TINY_TRAIN_CLASSES and task.batch_size == 8
+    params = task.init_params(mx.random.key(0))
+    assert params["head"]["w"].shape == (4, TINY_TRAIN_CLASSES)
+    x, y = task.sample(mx.random.key(1))
+    assert int(np.array(y).max()) < TINY_TRAIN_CLASSES
+    optimizer = adam(0.01)
+    update = pooled_update(task.loss, optimizer)
+    opt_state = optimizer.init(params)
+    first = task.loss(params, x, y).item()
+    np.testing.assert_allclose(first, conv4_loss(params, x, y).item(), rtol=1e-6)
+    losses = []
+    for _ in range(5):
+        params, opt_state, loss = update(params, opt_state, x, y)
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(first, rel=1e-6)  # the loss before the update
+    assert task.loss(params, x, y).item() < first
+
+
+def test_zero_head_keeps_the_body():
+    from metafn.nn import conv4_init
+
+    params = conv4_init(mx.random.key(0), 10, hidden=4, image_size=16)
+    swapped = with_zero_head(params, 3)
+    assert swapped["head"]["w"].shape == (4, 3) and swapped["head"]["b"].shape == (3,)
+    assert all(float(mx.abs(a).max()) == 0.0 for a in tree_leaves(swapped["head"]))
+    assert_trees_close(swapped["blocks"], params["blocks"], 0, 0)
+    assert params["head"]["w"].shape == (4, 10)  # the input is not modified
+    with pytest.raises(ValueError, match="params"):
+        with_zero_head([{"w": mx.zeros((2, 2)), "b": mx.zeros(2)}], 3)
+
+
+def test_run_evaluation_pretrains_pooled_and_fine_tunes_an_n_way_head(tiny_omniglot, tmp_path):
+    cfg = tiny_config(tiny_omniglot, tmp_path)
+    meta = build_experiment(cfg).init_params(mx.random.key(0))
+    out = tmp_path / "run"
+    res = run_evaluation(cfg, out, meta, progress=False, log=lambda s: None)
+    assert set(res["methods"]) == {"maml", "random_init", "pooled"}
+    summary = res["pooled_train"]
+    assert summary["n_classes"] == TINY_TRAIN_CLASSES and summary["steps"] == 3
+    assert summary["batch_size"] == 8 and summary["train_seconds"] > 0
+    assert [s for s, _ in summary["loss_log"]] == [1, 2, 3]
+    pooled = res["methods"]["pooled"]
+    assert pooled["kind"] == "adapt" and pooled["budgets"][0]["finetune_lr"] in (0.1, 0.4)
+    # A zero 3-way head: before fine-tuning every logit is equal, so the query loss is log 3
+    # and the (first-index) prediction is right for exactly one class in three.
+    (curve,) = pooled["curves"].values()
+    assert curve["loss_mean"][0] == pytest.approx(math.log(3), rel=1e-5)
+    assert curve["accuracy_mean"][0] == pytest.approx(1 / 3)
+    assert curve["accuracy_mean"][2] >= 0.0 and len(curve["loss_mean"]) == 3
+    stored = mx.load(str(out / "pooled" / "last.safetensors"))
+    assert stored["0.head.w"].shape == (4, TINY_TRAIN_CLASSES)
+    # A second evaluation reuses the finished pre-training: same figures.
+    logs = []
+    again = run_evaluation(cfg, out, meta, progress=False, log=logs.append)
+    assert any("reusing the finished run" in line for line in logs)
+    assert again["methods"]["pooled"]["curves"] == pooled["curves"]
+    # Other pre-training settings in the same directory are refused.
+    other = tiny_config(tiny_omniglot, tmp_path, pooled_steps=4)
+    with pytest.raises(ValueError, match="other settings"):
+        run_evaluation(other, out, meta, progress=False, log=lambda s: None)
+
+
+def test_pooled_config_errors_name_the_key(tiny_omniglot, tmp_path):
+    with pytest.raises(ConfigError, match="eval.pooled_batch_size"):
+        config_from_dict({"task": {"family": "sine"}, "eval": {"pooled_batch_size": 8}})
+    with pytest.raises(ConfigError, match="eval.pooled_batch_size"):
+        tiny_config(tiny_omniglot, tmp_path, pooled_batch_size=0)
+    with pytest.raises(ValueError, match="eval.pooled_batch_size: 500 exceeds"):
+        build_pooled_task(tiny_config(tiny_omniglot, tmp_path, pooled_batch_size=500))
+
+
+# ----------------------------------------------------------------------------- mamlpp (LSLR)
+
+
+def test_mamlpp_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="algorithm.inner_steps"):
+        config_from_dict({"algorithm": {"name": "mamlpp", "inner_steps": 0}})
+    with pytest.raises(ConfigError, match="algorithm.first_order"):
+        config_from_dict({"algorithm": {"name": "maml", "first_order": True}})
+
+
+def test_lslr_evaluation_uses_each_steps_rates_then_the_last(tiny_omniglot, tmp_path):
+    cfg = tiny_config(tiny_omniglot, tmp_path, "mamlpp", {"inner_steps": 2})
+    exp = build_experiment(cfg)
+    meta = init_meta(exp, cfg.algorithm, mx.random.key(0))
+    assert isinstance(meta, LSLRParams)
+    rng = np.random.default_rng(0)
+    meta = meta._replace(lr=tree_map(lambda a: mx.array(rng.uniform(0.05, 0.5, a.shape), dtype=a.dtype),
+                                     meta.lr))
+    assert learned_inner_rates(meta, 3) is not None
+    eps = exp.sample(mx.random.key(1), "test", 2)
+    loss, _ = adaptation_curve(exp, meta, eps, 3, None)
+    params_t = tree_broadcast(meta.params, 2)
+    for k in range(3):  # steps 0, 1 use their own rates; step 2 reuses step 1's
+        params_t = batched_adapt(task_losses(exp), params_t, eps.support_x, eps.support_y, 1,
+                                 lslr_rates(meta, min(k, 1)))
+    direct = task_losses(exp).fn(params_t, eps.query_x, eps.query_y)
+    np.testing.assert_allclose(loss[3], np.array(direct), rtol=1e-4, atol=1e-6)
+
+
+def test_mamlpp_trains_and_evaluates_with_learned_rates(tiny_omniglot, tmp_path):
+    cfg = tiny_config(tiny_omniglot, tmp_path, "mamlpp",
+                      {"inner_steps": 2, "multi_step_loss": True, "first_order": True})
+    state, summary = train(cfg, tmp_path / "run", progress=False, log=lambda s: None)
+    assert isinstance(state.meta, LSLRParams) and summary["step"] == 2
+    # The rates were meta-learned: no longer all equal to inner_lr.
+    assert any(float(mx.abs(a - 0.4).max()) > 0 for a in tree_leaves(state.meta.lr))
+    res = run_evaluation(cfg, tmp_path / "run", state.meta, summary, progress=False, log=lambda s: None)
+    assert set(res["methods"]) == {"mamlpp", "random_init", "pooled"}
+    m = res["methods"]["mamlpp"]
+    assert m["kind"] == "mamlpp" and all(b["finetune_lr"] is None for b in m["budgets"])

@@ -13,8 +13,8 @@ from typeguard import TypeCheckError
 from helpers import MSE_MLP, assert_trees_close, to_numpy, random_episodes, small_mlp
 from metafn.inner import adapt
 from metafn.outer import (
-    fomaml_outer, maml_outer, metasgd_init, metasgd_outer, protonet_logits, protonet_outer, reptile_grad,
-    reptile_outer, task_batched, vmap_tasks,
+    LSLRParams, fomaml_outer, lslr_init, lslr_outer, lslr_rates, lslr_steps, maml_outer, metasgd_init,
+    metasgd_outer, protonet_logits, protonet_outer, reptile_grad, reptile_outer, task_batched, vmap_tasks,
 )
 from metafn.tasks import Episode
 from metafn.tree import tree_leaves, tree_add, tree_broadcast, tree_dot, tree_map, tree_mean_axis0, tree_scale, tree_stack, tree_sub
@@ -254,3 +254,180 @@ def test_protonet_outer_gradient_and_accuracy():
     np.testing.assert_allclose(loss.item(), ref_loss.item(), rtol=1e-5)
     assert_trees_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
     assert 0.0 <= acc.item() <= 1.0
+
+
+# ----------------------------------------------------------------------------- LSLR (MAML++)
+
+
+def _random_rates(meta, seed, low=0.01, high=0.1):
+    """The rates of ``meta`` replaced by independent draws in ``[low, high]``."""
+    rng = np.random.default_rng(seed)
+    return meta._replace(lr=tree_map(
+        lambda a: mx.array(rng.uniform(low, high, a.shape), dtype=a.dtype), meta.lr))
+
+
+def loop_lslr_loss(meta, eps, step_weights=None):
+    """LSLR's meta-loss task by task in plain Python: step s moves tensor l by lr[l][s] * grad."""
+    steps = meta.lr[0]["w"].shape[0]
+    weights = step_weights or (0.0,) * (steps - 1) + (1.0,)
+    total = 0.0
+    for t in range(eps.support_x.shape[0]):
+        p = meta.params
+        for s, w in enumerate(weights):
+            g = mx.grad(MSE_MLP)(p, eps.support_x[t], eps.support_y[t])
+            p = tree_map(lambda x, d, a: x - a[s] * d, p, g, meta.lr)
+            if w:
+                total = total + w * MSE_MLP(p, eps.query_x[t], eps.query_y[t])
+    return total / (eps.support_x.shape[0] * sum(weights))
+
+
+def test_lslr_init_shapes_and_rates():
+    params = small_mlp(30)
+    meta = lslr_init(params, 0.4, 5)
+    assert isinstance(meta, LSLRParams) and lslr_steps(meta) == 5
+    assert [a.shape for a in tree_leaves(meta.lr)] == [(5,)] * len(tree_leaves(params))
+    assert all(np.all(np.array(a) == np.float32(0.4)) for a in tree_leaves(meta.lr))
+    rates = _random_rates(meta, 0)
+    for s in (0, 4):
+        assert_trees_close(lslr_rates(rates, s), tree_map(lambda a: a[s], rates.lr), 0, 0)
+    # Beyond the learned steps: the last step's rates.
+    assert_trees_close(lslr_rates(rates, 9), lslr_rates(rates, 4), 0, 0)
+    with pytest.raises(ValueError, match="steps"):
+        lslr_init(params, 0.4, 0)
+    with pytest.raises(ValueError, match="step"):
+        lslr_rates(meta, -1)
+
+
+@given(seed=st.integers(0, 10_000), lr=st.floats(0.001, 0.2), steps=st.integers(1, 3),
+       multi=st.booleans())
+def test_lslr_with_constant_rates_equals_maml(seed, lr, steps, multi):
+    params = small_mlp(seed)
+    eps = random_episodes(seed + 5, tasks=2)
+    weights = tuple(float(k + 1) for k in range(steps)) if multi else None
+    l1, g1 = lslr_outer(MSE_MLP, lslr_init(params, lr, steps), eps, step_weights=weights)
+    l2, g2 = maml_outer(MSE_MLP, params, eps, lr, steps, step_weights=weights)
+    np.testing.assert_allclose(l1.item(), l2.item(), rtol=1e-5)
+    assert_trees_close(g1.params, g2, rtol=1e-4, atol=1e-6)
+    _, f1 = lslr_outer(MSE_MLP, lslr_init(params, lr, steps), eps, first_order=True)
+    _, f2 = fomaml_outer(MSE_MLP, params, eps, lr, steps)
+    assert_trees_close(f1.params, f2, rtol=1e-4, atol=1e-6)
+
+
+@given(seed=st.integers(0, 10_000), tasks=st.integers(1, 4), steps=st.integers(1, 3),
+       multi=st.booleans())
+def test_lslr_vmap_equals_loop(seed, tasks, steps, multi):
+    meta = _random_rates(lslr_init(small_mlp(seed), 0.05, steps), seed)
+    eps = random_episodes(seed + 1, tasks=tasks)
+    weights = (1.0,) * steps if multi else None
+    loss, grads = lslr_outer(MSE_MLP, meta, eps, step_weights=weights)
+    assert isinstance(grads, LSLRParams)
+    chex.assert_trees_all_equal_shapes(to_numpy(grads), to_numpy(meta))
+    loop_loss, loop_grads = mx.value_and_grad(lambda m: loop_lslr_loss(m, eps, weights))(meta)
+    np.testing.assert_allclose(loss.item(), loop_loss.item(), rtol=1e-5)
+    assert_trees_close(grads, loop_grads, rtol=2e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights", [None, (1.0, 0.5, 2.0)])
+def test_lslr_meta_gradient_matches_central_finite_differences(weights):
+    """float64, second order: along random directions the gradient wrt the per-step rates, and
+    wrt (initialization, rates) together, equals central differences of the meta-loss."""
+    params = small_mlp(31, sizes=(1, 6, 6, 1), dtype=mx.float64)
+    eps = random_episodes(32, tasks=2, dtype=mx.float64)
+    meta = _random_rates(lslr_init(params, 0.1, 3), 33, 0.05, 0.15)
+    _, grads = lslr_outer(MSE_MLP, meta, eps, step_weights=weights)
+    assert grads.lr[0]["w"].dtype == mx.float64
+    f = lambda m: lslr_outer(MSE_MLP, m, eps, step_weights=weights)[0].item()  # noqa: E731
+    rng = np.random.default_rng(2)
+    h = 1e-6
+    for _ in range(3):
+        v = tree_map(lambda x: mx.array(rng.standard_normal(x.shape), dtype=mx.float64), meta)
+        fd_lr = (f(meta._replace(lr=tree_add(meta.lr, tree_scale(v.lr, h))))
+                 - f(meta._replace(lr=tree_sub(meta.lr, tree_scale(v.lr, h))))) / (2 * h)
+        np.testing.assert_allclose(tree_dot(grads.lr, v.lr).item(), fd_lr, rtol=1e-6, atol=1e-9)
+        fd = (f(tree_add(meta, tree_scale(v, h))) - f(tree_sub(meta, tree_scale(v, h)))) / (2 * h)
+        np.testing.assert_allclose(tree_dot(grads, v).item(), fd, rtol=1e-6, atol=1e-9)
+
+
+def _frozen_gradient_loss(meta, lr_tree, eps):
+    """Mean query loss after S steps ``theta - sum_s lr_s g_s`` whose inner gradients ``g_s`` are
+    those of the run at ``meta``'s own rates, held constant: the function of the rates whose
+    derivative first-order LSLR returns."""
+    steps = meta.lr[0]["w"].shape[0]
+    total = 0.0
+    for t in range(eps.support_x.shape[0]):
+        p, q = meta.params, meta.params
+        for s in range(steps):
+            g = mx.grad(MSE_MLP)(p, eps.support_x[t], eps.support_y[t])
+            p = tree_map(lambda x, d, a: x - a[s] * d, p, g, meta.lr)
+            q = tree_map(lambda x, d, a: x - a[s] * d, q, g, lr_tree)
+        total += MSE_MLP(q, eps.query_x[t], eps.query_y[t]).item()
+    return total / eps.support_x.shape[0]
+
+
+def test_lslr_first_order_rate_gradient_matches_finite_differences():
+    params = small_mlp(34, sizes=(1, 6, 6, 1), dtype=mx.float64)
+    eps = random_episodes(35, tasks=2, dtype=mx.float64)
+    meta = _random_rates(lslr_init(params, 0.1, 3), 36, 0.05, 0.15)
+    _, grads = lslr_outer(MSE_MLP, meta, eps, first_order=True)
+    _, second = lslr_outer(MSE_MLP, meta, eps)
+    rng = np.random.default_rng(4)
+    h = 1e-6
+    for _ in range(3):
+        v = tree_map(lambda x: mx.array(rng.standard_normal(x.shape), dtype=mx.float64), meta.lr)
+        f = lambda lr_tree: _frozen_gradient_loss(meta, lr_tree, eps)  # noqa: E731
+        fd = (f(tree_add(meta.lr, tree_scale(v, h))) - f(tree_sub(meta.lr, tree_scale(v, h)))) / (2 * h)
+        np.testing.assert_allclose(tree_dot(grads.lr, v).item(), fd, rtol=1e-6, atol=1e-9)
+    assert abs(tree_dot(grads.lr, v).item() - tree_dot(second.lr, v).item()) > 1e-6
+
+
+def test_lslr_on_conv4_task_batched_loss():
+    """A tiny conv4 through its task-batched loss: constant rates give MAML's meta-gradient
+    (float32, mx.conv2d per task); in float64 (im2col form) the rate gradient matches central
+    differences of the cross-entropy meta-loss."""
+    from metafn.nn import conv4_batched_loss, conv4_init
+
+    size, n, k, q, tasks = 16, 3, 2, 2, 2
+    keys = mx.random.split(mx.random.key(40), 2)
+    eps = Episode(
+        mx.random.uniform(shape=(tasks, n * k, size, size, 1), key=keys[0]),
+        mx.broadcast_to(mx.repeat(mx.arange(n), k), (tasks, n * k)).astype(mx.int32),
+        mx.random.uniform(shape=(tasks, n * q, size, size, 1), key=keys[1]),
+        mx.broadcast_to(mx.repeat(mx.arange(n), q), (tasks, n * q)).astype(mx.int32),
+    )
+    params = conv4_init(mx.random.key(41), n, hidden=4, image_size=size)
+    loss = conv4_batched_loss("loop")
+    l1, g1 = lslr_outer(loss, lslr_init(params, 0.3, 2), eps, step_weights=(1.0, 1.0))
+    l2, g2 = maml_outer(loss, params, eps, 0.3, 2, step_weights=(1.0, 1.0))
+    np.testing.assert_allclose(l1.item(), l2.item(), rtol=1e-5)
+    assert_trees_close(g1.params, g2, rtol=1e-4, atol=1e-5)
+    assert [a.shape for a in tree_leaves(g1.lr)] == [(2,)] * len(tree_leaves(params))
+
+    f64 = lambda tree: tree_map(  # noqa: E731
+        lambda a: a.astype(mx.float64) if mx.issubdtype(a.dtype, mx.floating) else a, tree)
+    meta = _random_rates(lslr_init(f64(params), 0.3, 2), 42, 0.2, 0.4)
+    eps64, loss64 = f64(eps), conv4_batched_loss("im2col")
+    _, grads = lslr_outer(loss64, meta, eps64)
+    f = lambda lr_tree: lslr_outer(loss64, meta._replace(lr=lr_tree), eps64)[0].item()  # noqa: E731
+    rng = np.random.default_rng(3)
+    v = tree_map(lambda a: mx.array(rng.standard_normal(a.shape), dtype=mx.float64), meta.lr)
+    h = 1e-5
+    fd = (f(tree_add(meta.lr, tree_scale(v, h))) - f(tree_sub(meta.lr, tree_scale(v, h)))) / (2 * h)
+    # MLX's float64 exp has float32 accuracy (see tests/test_conv4.py): a coarser tolerance.
+    assert abs(fd - tree_dot(grads.lr, v).item()) < 2e-3 + 1e-2 * abs(fd)
+
+
+def test_lslr_bad_inputs_name_the_argument():
+    params = small_mlp(0)
+    eps = random_episodes(1, tasks=2)
+    meta = lslr_init(params, 0.1, 2)
+    with pytest.raises((TypeError, TypeCheckError), match="meta"):
+        lslr_outer(MSE_MLP, metasgd_init(params, 0.1), eps)
+    with pytest.raises(ValueError, match="meta.lr"):
+        lslr_outer(MSE_MLP, meta._replace(lr=meta.lr[:1]), eps)
+    ragged = [dict(layer, w=mx.zeros((3,))) if i == 0 else layer for i, layer in enumerate(meta.lr)]
+    with pytest.raises(ValueError, match="meta.lr"):
+        lslr_outer(MSE_MLP, meta._replace(lr=ragged), eps)
+    with pytest.raises(ValueError, match="step_weights"):
+        lslr_outer(MSE_MLP, meta, eps, step_weights=(1.0,))
+    with pytest.raises(ValueError, match="episodes.query_x"):
+        lslr_outer(MSE_MLP, meta, eps._replace(query_x=eps.query_x[:1]))

@@ -145,6 +145,9 @@ def test_cli_train_eval_writes_results(tmp_path):
         ("train: {stepz: 3}", "train.stepz: unknown key"),
         ("train: {steps: ten}", "train.steps"),
         ("task: [unclosed", "not valid YAML"),
+        ("task: {family: sine, translation_range: [-1, 1]}", "task.translation_range"),
+        ("task: {family: linear2d, n_way: 2, translation_range: [1, -1]}", "task.translation_range"),
+        ("task: {family: linear2d, n_way: 2, translation_range: [0, 1, 2]}", "task.translation_range"),
         ("- just\n- a list", "expected a mapping"),
     ],
 )
@@ -159,6 +162,16 @@ def test_cli_validate_shipped_configs():
     for path in sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
         res = run_cli("validate", "--config", str(path))
         assert res.returncode == 0, (path, res.stdout, res.stderr)
+
+
+def test_translation_range_reaches_the_task_family():
+    from metafn.experiment import build_experiment
+
+    data = {"task": {"family": "linear2d", "n_way": 2, "k_shot": 2, "n_query": 2,
+                     "translation_range": [3.0, 3.0]}}
+    episodes = build_experiment(config_from_dict(data)).sample(mx.random.key(0), "train", 4)
+    # A fixed translation of (3, 3) moves every point of [-1.25, 1.25]^2 (plus noise) there.
+    assert float(episodes.support_x.mean()) == pytest.approx(3.0, abs=0.5)
 
 
 def test_pooled_baseline_config_drops_the_inner_loop_settings():

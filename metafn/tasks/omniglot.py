@@ -52,6 +52,12 @@ drawn classes; examples are class-major (class 0's K support images first). Imag
 float32 in ``[0, 1]`` with shape ``(T, N K, H, W, 1)`` (NHWC, MLX's convolution layout).
 Sampling is NumPy indexing seeded by the MLX key's two words, so the same key gives the same
 episodes.
+
+Pooled batches
+--------------
+``sample_omniglot_batch(key, split, B)``: ``B`` distinct images drawn uniformly from a whole
+split, labelled with their *global* class ids ``k`` (as above), for the baseline that pre-trains
+one classifier over all meta-train classes pooled: x ``(B, H, W, 1)``, y ``(B,)`` int32.
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ __all__ = [
     "MINIMAL_ZIPS", "MINIMAL_SPLIT", "OmniglotData", "OmniglotSplits", "default_omniglot_dir",
     "load_omniglot", "split_omniglot", "omniglot_class_alphabets", "sample_omniglot_indices",
     "gather_omniglot_episodes", "sample_omniglot_episodes", "sample_omniglot_episode",
+    "sample_omniglot_batch",
 ]
 
 MINIMAL_ZIPS = ("images_background_small1.zip", "images_background_small2.zip")
@@ -516,6 +523,21 @@ def sample_omniglot_indices(
     return classes.astype(np.int64), drawings.astype(np.int64)
 
 
+def _class_images(data: OmniglotData, classes: np.ndarray, drawings: np.ndarray) -> np.ndarray:
+    """float32 images in [0, 1] of ``classes`` (ids ``k = rotations * c + r``) and ``drawings``
+    (integer arrays broadcasting to a common shape ``S``): ``(*S, H, W)``, character ``c``'s
+    drawing rotated by ``r * 90`` degrees counter-clockwise."""
+    r = data.rotations
+    classes, drawings = np.broadcast_arrays(classes, drawings)
+    rots = classes % r
+    x = data.images[classes // r, drawings]
+    for k in range(1, r):
+        sel = rots == k
+        if sel.any():
+            x[sel] = np.rot90(x[sel], k, axes=(-2, -1))
+    return x.astype(np.float32) * np.float32(1.0 / 255.0)
+
+
 def gather_omniglot_episodes(
     data: OmniglotData, classes: np.ndarray, drawings: np.ndarray, k_shot: int
 ) -> Episode:
@@ -531,14 +553,7 @@ def gather_omniglot_episodes(
                          f"{classes.shape}")
     if not 1 <= k_shot < m:
         raise ValueError(f"k_shot: expected 1 <= k_shot < {m} (drawings per class), got {k_shot}")
-    r = data.rotations
-    chars, rots = classes // r, classes % r
-    x = data.images[chars[..., None], drawings]  # (T, N, K+Q, H, W)
-    for k in range(1, r):
-        sel = rots == k
-        if sel.any():
-            x[sel] = np.rot90(x[sel], k, axes=(-2, -1))
-    x = x.astype(np.float32) * np.float32(1.0 / 255.0)
+    x = _class_images(data, classes[..., None], drawings)  # (T, N, K+Q, H, W)
     h, w = x.shape[-2:]
     q = m - k_shot
     labels = np.arange(n, dtype=np.int32)
@@ -585,3 +600,27 @@ def sample_omniglot_episode(
     ``sample_omniglot_episodes(key, data, 1, ...)``."""
     ep = sample_omniglot_episodes(key, data, 1, n_way, k_shot, n_query, within_alphabet)
     return Episode(*(v[0] for v in ep))
+
+
+def sample_omniglot_batch(key: mx.array, data: OmniglotData, batch_size: int) -> tuple[mx.array, mx.array]:
+    """A minibatch of images with *global* class labels, for pooled supervised pre-training.
+
+    Draws ``batch_size`` distinct ``(class, drawing)`` pairs uniformly among all
+    ``n_classes * n_drawings`` images of ``data`` (one split). Returns x ``(B, H, W, 1)``
+    float32 in [0, 1] and y ``(B,)`` int32 with ``y[i] = k``, the class id of image ``i``:
+    ``k = rotations * c + r`` for character ``c`` rotated by ``r * 90`` degrees, the numbering
+    of :func:`sample_omniglot_indices` (so label ``k`` always means the same class, unlike an
+    episode's per-task labels ``0..N-1``). The same key gives the same batch.
+    """
+    if not isinstance(data, OmniglotData):
+        raise TypeError(f"data: expected OmniglotData (load_omniglot / split_omniglot), got "
+                        f"{type(data).__name__}")
+    _positive("batch_size", batch_size)
+    total = data.n_classes * data.n_drawings
+    if batch_size > total:
+        raise ValueError(f"batch_size: {batch_size} exceeds the {total} images of the split "
+                         f"({data.n_classes} classes x {data.n_drawings} drawings)")
+    flat = _rng(key).choice(total, size=batch_size, replace=False)
+    classes, drawings = flat // data.n_drawings, flat % data.n_drawings
+    x = _class_images(data, classes, drawings)
+    return mx.array(x[..., None]), mx.array(classes.astype(np.int32))
