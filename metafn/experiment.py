@@ -169,6 +169,14 @@ def learned_inner_rates(meta: PyTree, step: int) -> PyTree | None:
     return None
 
 
+def step_loss_weights(algorithm: AlgorithmConfig) -> tuple[float, ...] | None:
+    """Weights ``w_1..w_S`` of the query loss after each inner step in the meta-objective
+    (``step_weights``, or uniform with ``multi_step_loss``); ``None``: only the last step counts."""
+    if algorithm.step_weights is None and algorithm.multi_step_loss and algorithm.inner_steps > 0:
+        return (1.0,) * algorithm.inner_steps
+    return algorithm.step_weights
+
+
 def meta_gradient(
     exp: Experiment, algorithm: AlgorithmConfig
 ) -> Callable[[PyTree, Episode], tuple[mx.array, PyTree]]:
@@ -181,9 +189,7 @@ def meta_gradient(
     """
     losses = task_losses(exp)
     name, lr, steps = algorithm.name, algorithm.inner_lr, algorithm.inner_steps
-    weights = algorithm.step_weights
-    if weights is None and algorithm.multi_step_loss and steps > 0:
-        weights = (1.0,) * steps
+    weights = step_loss_weights(algorithm)
     if name == "maml":
         return lambda meta, eps: maml_outer(losses, meta, eps, lr, steps, step_weights=weights)
     if name == "fomaml":

@@ -24,7 +24,7 @@ from metafn.checkpoint import load_checkpoint, save_checkpoint
 from metafn.config import Config, config_to_dict
 from metafn.evaluate import curve_over_tasks
 from metafn.experiment import (
-    LEARNED_RATE_ALGORITHMS, Experiment, build_experiment, init_meta, meta_gradient,
+    LEARNED_RATE_ALGORITHMS, step_loss_weights, Experiment, build_experiment, init_meta, meta_gradient,
 )
 from metafn.optim import (
     GradientTransformation, adam, apply_updates, chain, clip_by_global_norm,
@@ -92,7 +92,13 @@ def make_meta_train_step(
 
 
 def validation_score(exp: Experiment, config: Config, meta: PyTree, run_key: mx.array) -> dict[str, float]:
-    """Query loss/accuracy after ``inner_steps`` adaptation on the fixed validation tasks."""
+    """Query loss/accuracy after ``inner_steps`` adaptation on the fixed validation tasks.
+
+    With a multi-step meta-objective (``step_weights`` / ``multi_step_loss``) ``val_loss`` is that
+    objective on the validation tasks, ``sum_s w_s L_s / sum_s w_s`` over the query losses ``L_s``
+    after ``s = 1..S`` steps (so the best checkpoint is the one best at what was trained for), and
+    ``val_loss_last`` is ``L_S``; otherwise ``val_loss = L_S``.
+    """
     algo = config.algorithm
     scorer = "protonet" if algo.name == "protonet" else "adapt"
     lr = None if algo.name in LEARNED_RATE_ALGORITHMS else algo.inner_lr
@@ -102,6 +108,11 @@ def validation_score(exp: Experiment, config: Config, meta: PyTree, run_key: mx.
         config.eval.chunk, scorer,
     )
     out = {"val_loss": float(loss[-1].mean())}
+    weights = step_loss_weights(algo)
+    if weights is not None:
+        per_step = [float(loss[s].mean()) for s in range(1, steps + 1)]
+        out = {"val_loss": sum(w * v for w, v in zip(weights, per_step)) / sum(weights),
+               "val_loss_last": per_step[-1]}
     if acc is not None:
         out["val_accuracy"] = float(acc[-1].mean())
     return out

@@ -182,3 +182,24 @@ def test_pooled_baseline_config_drops_the_inner_loop_settings():
     pooled = pooled_config(config_from_dict(data))
     assert pooled.algorithm.name == "pooled" and pooled.algorithm.inner_steps == 0
     assert pooled.algorithm.step_weights is None and pooled.train.steps == data["train"]["steps"]
+
+
+def test_validation_score_is_the_weighted_multi_step_objective():
+    from metafn.evaluate import curve_over_tasks
+    from metafn.experiment import build_experiment, init_meta
+    from metafn.random import fold_in
+    from metafn.train import EVAL_STREAM, validation_score
+
+    data = json.loads(json.dumps(SMALL))
+    data["algorithm"].update(inner_steps=2, step_weights=[3.0, 1.0])
+    config = config_from_dict(data)
+    exp = build_experiment(config)
+    meta = init_meta(exp, config.algorithm, mx.random.key(1))
+    run_key = mx.random.key(2)
+    scores = validation_score(exp, config, meta, run_key)
+    loss, _ = curve_over_tasks(exp, meta, fold_in(run_key, EVAL_STREAM), "val",
+                               config.train.val_tasks, 2, config.algorithm.inner_lr,
+                               config.eval.chunk, "adapt")
+    l1, l2 = float(loss[1].mean()), float(loss[2].mean())
+    assert scores["val_loss"] == pytest.approx((3 * l1 + l2) / 4, rel=1e-6)
+    assert scores["val_loss_last"] == pytest.approx(l2, rel=1e-6)
