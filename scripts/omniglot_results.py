@@ -1,0 +1,104 @@
+"""Collect the Omniglot results files into ``bench/results/omniglot.json`` and a README table.
+
+    python scripts/omniglot_results.py            # writes bench/results/omniglot.json, prints the table
+
+Every row is one ``results.json`` written by ``metafn train`` / ``metafn eval`` (copied to
+``results/omniglot/``) together with the commands that produced it (:data:`ROWS`). Figures are
+read from those files, never typed here: test accuracy (mean and 95% CI over the test episodes,
+fine-tuning rate chosen on validation episodes) of the meta-learned model and of each baseline,
+the meta-training time and the seconds per meta-iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: results file (under results/omniglot/) -> (algorithm, commands that produced it)
+ROWS: dict[str, tuple[str, str]] = {
+    "protonet_5way.json": ("protonet", "metafn train --config configs/omniglot_protonet.yaml --out runs/omniglot_protonet --no-eval; "
+                           "metafn eval --checkpoint runs/omniglot_protonet/best.safetensors"),
+    "protonet_20way.json": ("protonet", "metafn eval --checkpoint runs/omniglot_protonet/best.safetensors --set eval.n_way=20 --set eval.n_query=5"),
+    "protonet_20way_within.json": ("protonet", "metafn eval --checkpoint runs/omniglot_protonet/best.safetensors --set eval.n_way=20 --set eval.n_query=5 --set eval.within_alphabet=true"),
+    "maml_5way.json": ("maml", "metafn train --config configs/omniglot_maml.yaml --out runs/omniglot_maml"),
+    "metasgd_5way.json": ("metasgd", "metafn train --config configs/omniglot_metasgd.yaml --out runs/omniglot_metasgd"),
+    "fomaml_5way.json": ("fomaml", "metafn train --config configs/omniglot_fomaml.yaml --out runs/omniglot_fomaml"),
+    "reptile_5way.json": ("reptile", "metafn train --config configs/omniglot_reptile.yaml --out runs/omniglot_reptile"),
+}
+
+
+def _protocol(config: dict) -> dict:
+    task, ev = config["task"], config["eval"]
+    return {
+        "n_way": ev.get("n_way") or task["n_way"],
+        "k_shot": ev.get("k_shot") or task["k_shot"],
+        "n_query": ev.get("n_query") or task["n_query"],
+        "within_alphabet": bool(ev.get("within_alphabet") if ev.get("within_alphabet") is not None
+                                else task.get("within_alphabet", False)),
+        "rotations": task.get("rotations", True),
+    }
+
+
+def _method_summary(method: dict) -> dict:
+    return {
+        str(b["steps"]): {"accuracy": b["accuracy_mean"], "ci95": b["accuracy_ci95"],
+                          "finetune_lr": b["finetune_lr"]}
+        for b in method["budgets"]
+    }
+
+
+def collect() -> list[dict]:
+    rows = []
+    for name, (algorithm, command) in ROWS.items():
+        path = ROOT / "results" / "omniglot" / name
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        train = r.get("train") or {}
+        methods = r["methods"]
+        n_tasks = next(iter(methods[algorithm]["curves"].values()))["n_tasks"]
+        rows.append({
+            "file": f"results/omniglot/{name}",
+            "algorithm": algorithm,
+            "protocol": {**_protocol(r["config"]), "test_episodes": n_tasks},
+            "accuracy": _method_summary(methods[algorithm]),
+            "baselines": {k: _method_summary(v) for k, v in methods.items() if k != algorithm},
+            "pooled_train": r.get("pooled_train"),
+            "train_steps": train.get("step"),
+            "train_minutes": train["train_seconds"] / 60 if train else None,
+            "seconds_per_meta_iteration": train.get("seconds_per_step"),
+            "command": command,
+        })
+    return rows
+
+
+def _cell(summary: dict) -> str:
+    return " / ".join(f"{100 * v['accuracy']:.1f} ± {100 * v['ci95']:.1f} ({k} st.)" if k != "0"
+                      else f"{100 * v['accuracy']:.1f} ± {100 * v['ci95']:.1f}"
+                      for k, v in summary.items())
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| algorithm | protocol | accuracy % | random init + FT | pooled + FT | train min | s / iter |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        p = row["protocol"]
+        proto = f"{p['n_way']}-way {p['k_shot']}-shot{' within-alphabet' if p['within_alphabet'] else ''}"
+        base = row["baselines"]
+        minutes = f"{row['train_minutes']:.0f}" if row["train_minutes"] else "(same model)"
+        spi = f"{row['seconds_per_meta_iteration']:.2f}" if row["seconds_per_meta_iteration"] else ""
+        lines.append(f"| {row['algorithm']} | {proto} | {_cell(row['accuracy'])} | "
+                     f"{_cell(base['random_init']) if 'random_init' in base else 'not run'} | "
+                     f"{_cell(base['pooled']) if 'pooled' in base else 'not run'} | {minutes} | {spi} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    rows = collect()
+    out = ROOT / "bench" / "results" / "omniglot.json"
+    out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    print(table(rows))
+    print(f"\nwrote {out.relative_to(ROOT)} ({len(rows)} rows)", file=sys.stderr)
