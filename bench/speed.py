@@ -5,14 +5,15 @@
     python -m bench.speed --quick                          # a short smoke run
 
 One process per framework (``bench.worker``); the data and initial parameters are generated once
-with numpy and loaded by every process. Before any timing, each peer's loss and gradient are
-checked against metafn's (float tolerance, see ``bench.peers.workloads.compare``); a mismatch
-aborts the run. Timings: after warm-up, ``--repeats`` timed calls per runner and workload, taken
-in rounds of ``--batch`` calls, round robin over the runners (the order rotates each round), so
-slow drifts of a shared machine hit every framework alike. Reports median / min / max ms, peak
-memory (fresh process per framework and workload), each runner's time over metafn's, the GEMM
-rate of each framework and, where a FLOP count exists, achieved GFLOP/s and its fraction of that
-framework's GEMM rate. Writes ``bench/results/speed.json``.
+with numpy and loaded by every process. Before any timing, every runner's loss and gradient are
+checked against metafn's eager result (float tolerance, see ``bench.peers.workloads.compare``);
+a mismatch aborts the run (``--check-only`` stops after the checks). Timings: after warm-up,
+``--repeats`` timed calls per runner and workload, taken in rounds of ``--batch`` calls, round
+robin over the runners (the order rotates each round), so slow drifts of a shared machine hit
+every framework alike. Reports median / min / max ms, peak memory (fresh process per framework
+and workload), each runner's time over metafn's (the compiled step, variant ``metafn``), the
+GEMM rate of each framework and, where a FLOP count exists, achieved GFLOP/s and its fraction of
+that framework's GEMM rate (wall clock and per CPU-second). Writes ``bench/results/speed.json``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.peers.workloads import WORKLOADS, compare, flops, make_data
+
+REFERENCE = "metafn-eager"  # correctness reference: metafn's public API, uncompiled
+BASELINE = "metafn"  # ratio reference: the compiled step, as the JAX peer is jitted
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMEWORKS = ("metafn", "jax", "torch")
@@ -129,11 +133,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=5,
                     help="timed calls per round-robin turn (default 5)")
     ap.add_argument("--slow-repeats", type=int, default=8,
-                    help="--repeats for the conv4 workloads W4-W6 (seconds per call; default 8)")
+                    help="--repeats for the slow workloads W4-W7 (~1 s or more per call; default 8)")
     ap.add_argument("--slow-batch", type=int, default=2,
-                    help="--batch for the conv4 workloads (default 2)")
+                    help="--batch for the slow workloads (default 2)")
     ap.add_argument("--warmup", type=int, default=3,
-                    help="untimed calls after the first (compiling) call (default 3; conv4: 1)")
+                    help="untimed calls after the first (compiling) call (default 3; slow "
+                         "workloads: 1)")
     ap.add_argument("--threads", type=int, default=None,
                     help="set OPENBLAS/OMP/MKL_NUM_THREADS and torch threads for every framework "
                          "(JAX: only 1 is supported, through XLA_FLAGS); default: library defaults")
@@ -141,6 +146,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="extra environment for the metafn process only, e.g. "
                          "OPENBLAS_NUM_THREADS=1 (repeatable)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    ap.add_argument("--check-only", action="store_true",
+                    help="build and run the correctness checks, then stop (no timing, no memory)")
     ap.add_argument("--pause-ms", type=float, default=20.0,
                     help="sleep between round-robin turns so idle BLAS/OpenMP threads park")
     ap.add_argument("--quick", action="store_true", help="short run: --repeats 6 --batch 2 --warmup 1")
@@ -199,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                       "workload: build, 1 compiling call, --warmup calls, then --repeats timed "
                       "calls in round-robin turns of --batch (each turn preceded by one untimed "
                       "call); gc disabled while timing",
-            "ratio": "runner median ms / metafn (eager) median ms: > 1 means metafn is faster",
+            "ratio": f"runner median ms / {BASELINE} (mx.compile of the step) median ms: > 1 "
+                     "means metafn is faster",
+            "check_reference": f"{REFERENCE} (the same metafn call, uncompiled)",
         },
         "frameworks": {}, "workloads": {}, "skipped": skipped,
     }
@@ -232,9 +241,9 @@ def main(argv: list[str] | None = None) -> int:
                 xf = procs["jax"].call(cmd="cost_flops", workload=w.id, data=data_paths[w.id])["flops"]
                 if xf:
                     entry["flops"]["xla_cost_analysis_flops"] = xf
-            # correctness: every runner against metafn (eager)
+            # correctness: every runner against metafn's eager result
             ref_path = os.path.join(tmp.name, f"{w.id}-ref.npz")
-            procs["metafn"].call(cmd="check", workload=w.id, variant="metafn", out=ref_path)
+            procs["metafn"].call(cmd="check", workload=w.id, variant=REFERENCE, out=ref_path)
             ref = np.load(ref_path)
             ref_loss = float(ref["loss"])
             ref_leaves = [ref[f"g{i}"] for i in range(len(ref.files) - 1)]
@@ -255,23 +264,31 @@ def main(argv: list[str] | None = None) -> int:
                       f"grad rel err {detail.get('grad_rel_err', 0):.1e}", file=sys.stderr)
                 if not ok:
                     raise SystemExit(
-                        f"CORRECTNESS FAILURE: {w.id} {v} disagrees with metafn: {detail}")
+                        f"CORRECTNESS FAILURE: {w.id} {v} disagrees with {REFERENCE}: {detail}")
             if "jax" in outputs and "torch" in outputs:  # peer against peer, for context
                 _, d = compare(*outputs["jax"], *outputs["torch"])
                 entry["check"]["torch_vs_jax"] = d
                 print(f"   check {w.id} torch vs jax: grad rel err {d['grad_rel_err']:.1e}",
                       file=sys.stderr)
+            if args.check_only:
+                continue
             for f, v in runners[w.id]:
                 procs[f].call(cmd="time", workload=w.id, variant=v, n=0,
-                              warm=min(args.warmup, 1) if w.model == "conv4" else args.warmup)
+                              warm=min(args.warmup, 1) if w.slow else args.warmup)
+        if args.check_only:
+            report["meta"]["loadavg_end"] = os.getloadavg()
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=1, default=str) + "\n")
+            print(f"\nchecks passed; wrote {out}")
+            return 0
 
         # timing: round robin over runners, rotating the order each round
         times: dict[tuple[str, str], list[float]] = {(w.id, v): [] for w in workloads
                                                      for _, v in runners[w.id]}
         cpu_times: dict[tuple[str, str], list[float]] = {k: [] for k in times}
         def plan(w):  # (repeats, batch) of a workload
-            return ((args.slow_repeats, args.slow_batch) if w.model == "conv4"
-                    else (args.repeats, args.batch))
+            return (args.slow_repeats, args.slow_batch) if w.slow else (args.repeats, args.batch)
 
         rounds = max(max(1, -(-rep // b)) for rep, b in map(plan, workloads))
         print(f".. timing: {rounds} rounds", file=sys.stderr)
@@ -285,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 for f, v in rs[r % len(rs):] + rs[:r % len(rs)]:
                     time.sleep(args.pause_ms / 1e3)
                     got = procs[f].call(cmd="time", workload=w.id, variant=v, n=n,
-                                        warm=0 if w.model == "conv4" else 1)
+                                        warm=0 if w.slow else 1)
                     times[(w.id, v)] += got["ms"]
                     cpu_times[(w.id, v)] += got["cpu_ms"]
             print(f"   round {r + 1}/{rounds}", file=sys.stderr)
@@ -294,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             g = report["frameworks"][f]["gemm_2048"]
             g["end"] = g_end
             g["gflops_peak"] = max(g["gflops_best"], g_end["gflops_best"])
+            g["gflops_cpu_peak"] = max(g["gflops_cpu_best"], g_end["gflops_cpu_best"])
     finally:
         for p in procs.values():
             p.close()
@@ -309,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                     p = Proc(f, worker_env(f, args.threads, extra), args.threads)
                     try:
                         m = p.call(cmd="memory", workload=w.id, data=data_paths[w.id], variant=v,
-                                   reps=2 if w.model == "conv4" else 4)
+                                   reps=2 if w.slow else 4)
                     finally:
                         p.close()
                     m.pop("ok")
@@ -317,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for w in workloads:
         entry = report["workloads"][w.id]
-        base = statistics.median(times[(w.id, "metafn")])
+        base = statistics.median(times[(w.id, BASELINE)])
         for f, v in runners[w.id]:
             s = summarize(times[(w.id, v)])
             s["times_ms"] = [round(t, 4) for t in times[(w.id, v)]]
@@ -326,9 +344,13 @@ def main(argv: list[str] | None = None) -> int:
             s["cpu_ms"] = [round(t, 4) for t in cpu_times[(w.id, v)]]
             s["ratio_vs_metafn"] = s["median_ms"] / base
             if "flops" in entry:
+                gemm = report["frameworks"][f]["gemm_2048"]
                 g = entry["flops"]["flops"] / (s["median_ms"] / 1e3) / 1e9
                 s["gflops"] = g
-                s["gemm_fraction"] = g / report["frameworks"][f]["gemm_2048"]["gflops_peak"]
+                s["gemm_fraction"] = g / gemm["gflops_peak"]
+                # the same per CPU-second (all threads): robust to other load for 1-thread runs
+                s["gflops_cpu"] = entry["flops"]["flops"] / (s["cpu_median_ms"] / 1e3) / 1e9
+                s["gemm_fraction_cpu"] = s["gflops_cpu"] / gemm["gflops_cpu_peak"]
             entry["runners"][v].update(s)
     report["meta"]["loadavg_end"] = os.getloadavg()
     report["meta"]["wall_s"] = time.time() - t_start
@@ -352,16 +374,18 @@ def print_table(report: dict) -> None:
                if v is not None and k != "openblas_config"}
         extra = f", BLAS {os.path.basename(info['blas'])}" if info.get("blas") else ""
         print(f"  {f:7s} median {g['gflops_median']:6.1f} / {g['end']['gflops_median']:6.1f} GFLOP/s, "
-              f"peak {g['gflops_peak']:6.1f}{extra}; threads {thr}")
+              f"peak {g['gflops_peak']:6.1f} (per CPU-second {g['gflops_cpu_peak']:6.1f}){extra}; "
+              f"threads {thr}")
     hdr = (f"\n{'wl':3s} {'runner':16s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'cpu ms':>8s} "
-           f"{'peak MB':>8s} {'x metafn':>8s} {'GFLOP/s':>8s} {'%GEMM':>6s}")
+           f"{'peak MB':>8s} {'x metafn':>8s} {'GFLOP/s':>8s} {'%GEMM':>6s} {'%GEMMcpu':>8s}")
     print(hdr)
     print("-" * (len(hdr) - 1))
     for wid, e in report["workloads"].items():
         for v, r in e["runners"].items():
             mb = r.get("memory", {}).get("peak_rss_delta_mb")
             mb_s = f"{mb:8.1f}" if mb is not None else f"{'-':>8s}"
-            gf = f"{r['gflops']:8.2f} {100 * r['gemm_fraction']:5.1f}%" if "gflops" in r else ""
+            gf = (f"{r['gflops']:8.2f} {100 * r['gemm_fraction']:5.1f}% "
+                  f"{100 * r['gemm_fraction_cpu']:7.1f}%" if "gflops" in r else "")
             print(f"{wid:3s} {v:16s} {r['median_ms']:10.2f} {r['min_ms']:8.2f} {r['max_ms']:8.2f} "
                   f"{r['cpu_median_ms']:8.2f} {mb_s} {r['ratio_vs_metafn']:8.2f} {gf}")
         if "flops" in e:
@@ -370,9 +394,12 @@ def print_table(report: dict) -> None:
             print(f"    {wid}: {e['flops']['flops'] / 1e6:.1f} MFLOP per step (analytic count){xs}")
     print("\nmedian/min/max: wall-clock ms per step; cpu ms: median process CPU time per step (all "
           "threads; robust to other load for 1 thread, includes spin-waiting for several). x metafn "
-          "= median / metafn (eager) median: > 1 means metafn is faster. GFLOP/s from the median "
-          "and the FLOP count; %GEMM = that over the framework's peak 2048^3 GEMM rate. peak MB: peak "
-          "RSS (getrusage) of build + 4 calls (conv4: 2) in a fresh process minus RSS before build (JAX: "
+          "= median / metafn median (metafn: mx.compile of the step; metafn-eager: the same call "
+          "uncompiled): > 1 means metafn is faster. GFLOP/s from the median and the FLOP count; "
+          "%GEMM = that over the framework's peak 2048^3 GEMM rate; %GEMMcpu = "
+          "the same with CPU time for both (per CPU-second of all threads: the roofline that load "
+          "from other processes does not distort when a run uses one BLAS thread). peak MB: peak "
+          "RSS (getrusage) of build + 4 calls (W4-W7: 2) in a fresh process minus RSS before build (JAX: "
           "includes XLA compilation); MLX's own array peak (mx.get_peak_memory) is in the JSON.")
     for wid, why in report.get("skipped", {}).items():
         print(f"skipped {wid}: {why}")

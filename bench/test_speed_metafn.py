@@ -1,10 +1,10 @@
 """pytest-benchmark suite for metafn alone: ``pytest bench/ --benchmark-only``.
 
-The same workloads and data as ``python -m bench.speed`` (bench/peers; W4-W6 take seconds per
-call, select with ``-k "W1 or W2 or W3"`` for a short run), metafn variants only:
-eager (``metafn``), ``mx.compile``-d (``metafn-compiled``; compiled before timing) and the task
-batch split over two CPU streams (``metafn-streams2``). Compare runs with pytest-benchmark's own
-options, e.g. ``--benchmark-autosave`` then ``--benchmark-compare``.
+The same workloads and data as ``python -m bench.speed`` (bench/peers; W4-W7 take a second or
+more per call, select with ``-k "W1 or W2 or W3"`` for a short run), metafn variants only:
+``mx.compile``-d (``metafn``; compiled before timing), uncompiled (``metafn-eager``) and the
+task batch split over two CPU streams (``metafn-streams2``, MAML / Reptile). Compare runs with
+pytest-benchmark's own options, e.g. ``--benchmark-autosave`` then ``--benchmark-compare``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from bench.peers import metafn_impl
 from bench.peers.workloads import WORKLOADS, make_data
 
 AVAILABLE = [w for w in WORKLOADS.values() if w.available()[0]]
-ROUNDS = {"W2": 8, "W4": 3, "W5": 3, "W6": 5}
+ROUNDS = {"W2": 8, "W4": 3, "W5": 3, "W6": 5, "W7": 5}
 
 
 @pytest.fixture(scope="module", params=[w.id for w in AVAILABLE])
@@ -39,7 +39,7 @@ def test_workload(benchmark, runners, variant):
     benchmark.group = w.id
     benchmark.extra_info["workload"] = w.description
     benchmark.pedantic(runner.run, rounds=ROUNDS.get(w.id, 30),
-                       warmup_rounds=1 if w.model == "conv4" else 2, iterations=1)
+                       warmup_rounds=1 if w.slow else 2, iterations=1)
     loss, leaves = runner.result()
     assert math.isfinite(loss) and all(np.all(np.isfinite(g)) for g in leaves)
 

@@ -13,9 +13,26 @@ Methods (each fine-tunes from the frozen all-MiniLM-L6-v2):
 Hyperparameters are chosen on a validation set carved from train utterances that are not
 shots (``--eval carve``, 5 per intent); the reported figures use ``--eval val``.
 
+Every fine-tuned model is scored several ways at once (``scores`` in the output record; the
+top-level ``carve`` / ``val`` entries are the first): ``head`` the fine-tuned cosine head;
+``proto`` nearest prototype of the tuned shot embeddings; ``lr`` logistic regression on the
+tuned shot embeddings; ``head+lr`` their averaged probabilities; ``head+frozenlr@w`` the head's
+probabilities mixed with weight ``w`` of the frozen-embedding logistic regression's.
+Options: ``--con-epochs`` a supervised contrastive stage (SetFit / CPFT style, pairs of
+utterances of one intent as positives) before the classifier; ``--ensemble N`` averages ``N``
+fine-tuned models (different seeds); ``--names`` adds each intent's name ("book flight") as
+one more training utterance (label semantics: not part of the plain K-shot protocol).
+
     python examples/clinc_standard.py --method proto logreg --shots 5 10 --draws 5
     python examples/clinc_standard.py --method lora --shots 5 --draws 1 --eval carve --lr 1e-3
     python examples/clinc_standard.py --method lora --shots 5 10 --draws 5 --eval val
+
+The configuration chosen on the holdout (results/clinc/standard.json; report the ``lr`` score,
+logistic regression on the LoRA-tuned embeddings; add ``--names`` for the label-name variant):
+
+    python examples/clinc_standard.py --method lora --eval both --carve 20 --shots 5 10 \
+        --draws 5 --epochs 8 --lr 1e-3 --head-lr 1e-2 --scale 10 --ls 0.1 --token-drop 0.15 \
+        --split 3 --r 8 --targets query,value
 """
 
 from __future__ import annotations
@@ -35,19 +52,26 @@ import numpy as np  # noqa: E402
 from clinc_common import DEFAULT_CACHE, few_shot_rows, load_all  # noqa: E402
 from metafn import peft  # noqa: E402
 from metafn import text_meta as tm  # noqa: E402
-from metafn.evaluate import mean_ci  # noqa: E402
 from metafn.random import fold_in  # noqa: E402
 
 
+def mean_ci(values: np.ndarray) -> tuple[float, float]:
+    """Mean and half-width of the normal 95% interval ``1.96 sd / sqrt(n)`` (as
+    ``metafn.evaluate.mean_ci``; kept here so the example imports only the text stack)."""
+    v = np.asarray(values, np.float64)
+    sd = v.std(ddof=1) if v.size > 1 else 0.0
+    return float(v.mean()), float(1.96 * sd / np.sqrt(v.size))
+
+
 def make_method(name: str, args: argparse.Namespace) -> peft.PeftMethod | None:
-    targets = tuple(args.targets.split(","))
+    targets = "all-linear" if args.targets == "all-linear" else tuple(args.targets.split(","))
     if name == "lora":
         return peft.lora_method(peft.LoraConfig(r=args.r, alpha=args.alpha, dropout=args.dropout,
                                                 target_modules=targets), unmerged=True)
     if name == "dora":
         return peft.dora_method(peft.DoraConfig(r=args.r, alpha=args.alpha, target_modules=targets))
     if name == "full":
-        return peft.full_method(peft.FullConfig())
+        return peft.full_method(peft.FullConfig(exclude=args.full_exclude))
     if name == "bitfit":
         return peft.head_method(peft.HeadConfig(modules=r".*\.b"))
     if name == "head":
@@ -101,6 +125,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--proto-weight", type=float, default=0.0)
     ap.add_argument("--classes-per-batch", type=int, default=16)
     ap.add_argument("--l2", type=float, default=1e-4, help="logreg penalty")
+    ap.add_argument("--full-exclude", default=None, help="--method full: regex of frozen leaves")
+    ap.add_argument("--con-epochs", type=int, default=0,
+                    help="supervised contrastive epochs before the classifier stage")
+    ap.add_argument("--con-lr", type=float, default=None, help="contrastive stage rate (--lr)")
+    ap.add_argument("--con-scale", type=float, default=20.0, help="contrastive 1/temperature")
+    ap.add_argument("--con-classes", type=int, default=32, help="classes per contrastive batch")
+    ap.add_argument("--con-weight", type=float, default=0.0,
+                    help="supervised contrastive term added to the classifier stage")
+    ap.add_argument("--ensemble", type=int, default=1, help="fine-tuned models averaged")
+    ap.add_argument("--names", action="store_true",
+                    help="add each intent's name as a training utterance (label semantics)")
+    ap.add_argument("--extra-l2", type=float, nargs="*", default=[1e-3, 1e-5],
+                    help="more penalties of the tuned-embedding logreg, scored as lr@l2")
+    ap.add_argument("--mix", type=float, nargs="+", default=[0.25, 0.5],
+                    help="weights of the frozen logreg in the head+frozenlr scores")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--out", type=Path, default=Path("/work/runs/clinc/standard.jsonl"))
@@ -110,13 +149,21 @@ def main(argv: list[str] | None = None) -> None:
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    data, caches, _ = load_all((args.split,), args.cache, log=log)
+    global _MODEL
+    data, caches, (bcfg, bparams, tok) = load_all((args.split,), args.cache, log=log)
+    _MODEL = (bparams, bcfg)
     tr, va = caches["train"], caches["val"]
     n_cls = len(data.intents)
     root = mx.random.key(args.seed)
+    names = None
+    if args.names:
+        table = tm.pretokenize(tok, [t.replace("_", " ") for t in data.intents], 32)
+        st, _ = tm.precompute_layers(bparams, bcfg, table, (args.split,))
+        names = (st[args.split], table.mask, np.arange(n_cls))
     for method_name in args.method:
         for k in args.shots:
             accs: dict[str, list[float]] = {"carve": [], "val": []}
+            scores: dict[str, dict[str, list[float]]] = {}
             times = []
             for d in range(args.first_draw, args.first_draw + args.draws):
                 key = fold_in(fold_in(root, k), d)
@@ -128,41 +175,42 @@ def main(argv: list[str] | None = None) -> None:
                 if args.eval in ("val", "both"):
                     evals["val"] = ("val", np.arange(len(va.labels)), va.labels)
                 t0 = time.perf_counter()
+                frozen_lr = logreg(tr.emb[s_rows], s_y, n_cls, args.l2)
                 if method_name in ("proto", "logreg"):
                     x = tr.emb[s_rows]
                     if method_name == "proto":
                         head = tm.proto_head(mx.array(x), mx.array(s_y), n_cls)
                         score = lambda e: np.array(tm.head_logits(head, mx.array(e), 1.0))  # noqa: E731
                     else:
-                        p = logreg(x, s_y, n_cls, args.l2)
+                        p = frozen_lr
                         score = lambda e: np.array(mx.array(e) @ p["w"] + p["b"])  # noqa: E731
                     for name, (split, rows, y) in evals.items():
                         emb = (tr if split == "train" else va).emb[rows]
                         accs[name].append(tm.accuracy_np(score(emb), y))
                 else:
-                    method = make_method(method_name, args)
-                    model = tm.text_model(*_params(), method, args.split)
-                    x_all = tr.states[args.split]
-                    idx = mx.array(s_rows.astype(np.int32))
-                    x, m, y = x_all[idx], tr.mask[idx], mx.array(s_y.astype(np.int32))
-                    adapter = tm.meta_init(model, fold_in(key, 1)).adapter
-                    head = tm.proto_head(tm.embed_all(model, adapter, x, m), y, n_cls)
-                    cfg = tm.FinetuneConfig(epochs=args.epochs, batch_size=args.batch, lr=args.lr,
-                                            head_lr=args.head_lr, scale=args.scale,
-                                            label_smoothing=args.ls, weight_decay=args.wd,
-                                            token_drop=args.token_drop,
-                                            proto_weight=args.proto_weight,
-                                            classes_per_batch=args.classes_per_batch)
-                    adapter, head, hist = tm.finetune(
-                        model, adapter, head, x, m, y, cfg, fold_in(key, 2),
-                        log=lambda r: log(f"  epoch {r['epoch']} loss {r['loss']:.4f} "
-                                          f"{r['seconds']:.0f}s"))
+                    probs = {name: {} for name in evals}
+                    for member in range(args.ensemble):
+                        mkey = key if member == 0 else fold_in(key, 100 + member)
+                        got = fit_and_score(method_name, args, tr, va, s_rows, s_y, evals, n_cls,
+                                            mkey, names, log)
+                        for name, sc in got.items():
+                            for sname, pr in sc.items():
+                                probs[name][sname] = probs[name].get(sname, 0.0) + pr / args.ensemble
                     for name, (split, rows, yy) in evals.items():
-                        sc = tr if split == "train" else va
-                        ridx = mx.array(np.asarray(rows).astype(np.int32))
-                        logits = tm.predict_logits(model, adapter, head, args.scale,
-                                                   sc.states[args.split][ridx], sc.mask[ridx])
-                        accs[name].append(tm.accuracy_np(logits, yy))
+                        emb = (tr if split == "train" else va).emb[rows]
+                        flr = _softmax(emb @ np.array(frozen_lr["w"]) + np.array(frozen_lr["b"]))
+                        pr = probs[name]
+                        pr["frozenlr"] = flr
+                        pr["head+lr"] = 0.5 * (pr["head"] + pr["lr"])
+                        for w in args.mix:
+                            pr[f"head+frozenlr@{w:g}"] = (1 - w) * pr["head"] + w * flr
+                            pr[f"head+lr+frozenlr@{w:g}"] = (1 - w) * pr["head+lr"] + w * flr
+                        for sname, p_ in pr.items():
+                            scores.setdefault(name, {}).setdefault(sname, []).append(
+                                tm.accuracy_np(p_, yy))
+                        accs[name].append(scores[name]["head"][-1])
+                        log(f"  {name}: " + ", ".join(f"{sn} {v[-1]:.4f}"
+                                                     for sn, v in scores[name].items()))
                 times.append(time.perf_counter() - t0)
                 log(f"{method_name} K={k} draw {d}: " + ", ".join(
                     f"{n} {accs[n][-1]:.4f}" for n in evals) + f" ({times[-1]:.0f}s)")
@@ -174,9 +222,80 @@ def main(argv: list[str] | None = None) -> None:
                     m_, ci = mean_ci(np.array(v))
                     rec[name] = {"mean": m_, "ci95": ci, "values": v}
                     log(f"== {method_name} K={k} {name}: {100 * m_:.2f} +- {100 * ci:.2f}")
+            if scores:
+                rec["scores"] = {}
+                for name, per in scores.items():
+                    rec["scores"][name] = {}
+                    for sname, v in per.items():
+                        m_, ci = mean_ci(np.array(v))
+                        rec["scores"][name][sname] = {"mean": m_, "ci95": ci, "values": v}
+                    log(f"== {method_name} K={k} {name} scores: " + ", ".join(
+                        f"{sn} {100 * r['mean']:.2f}" for sn, r in rec["scores"][name].items()))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def fit_and_score(method_name: str, args: argparse.Namespace, tr, va, s_rows: np.ndarray,
+                  s_y: np.ndarray, evals: dict, n_cls: int, key: mx.array, names, log
+                  ) -> dict[str, dict[str, np.ndarray]]:
+    """Fine-tune one model on the shots (optional contrastive stage, then the prototype-
+    initialized cosine head with cross-entropy) and return, per evaluation set, the class
+    probabilities of each scorer (``head``, ``proto``, ``lr``)."""
+    method = make_method(method_name, args)
+    model = tm.text_model(*_params(), method, args.split)
+    x_all = tr.states[args.split]
+    idx = mx.array(s_rows.astype(np.int32))
+    x, m, y = x_all[idx], tr.mask[idx], mx.array(s_y.astype(np.int32))
+    if names is not None:
+        nx, nm, ny = names
+        x = mx.concatenate([x, nx.astype(x.dtype)], axis=0)
+        m = mx.concatenate([m, nm.astype(m.dtype)], axis=0)
+        y = mx.concatenate([y, mx.array(ny.astype(np.int32))], axis=0)
+    adapter = tm.meta_init(model, fold_in(key, 1)).adapter
+    ep_log = lambda r: log(f"  epoch {r['epoch']} loss {r['loss']:.4f} {r['seconds']:.0f}s")  # noqa: E731
+    if args.con_epochs:
+        ccfg = tm.FinetuneConfig(epochs=args.con_epochs, lr=args.con_lr or args.lr, head_lr=0.0,
+                                 scale=args.con_scale, weight_decay=args.wd,
+                                 token_drop=args.token_drop, con_weight=1.0, ce_weight=0.0,
+                                 classes_per_batch=args.con_classes)
+        dummy = tm.proto_head(mx.zeros((1, x.shape[-1])), mx.zeros((1,), mx.int32), n_cls)
+        adapter, _, _ = tm.finetune(model, adapter, dummy, x, m, y, ccfg, fold_in(key, 3),
+                                    log=ep_log)
+    head = tm.proto_head(tm.embed_all(model, adapter, x, m), y, n_cls)
+    if args.epochs:
+        cfg = tm.FinetuneConfig(epochs=args.epochs, batch_size=args.batch, lr=args.lr,
+                                head_lr=args.head_lr, scale=args.scale,
+                                label_smoothing=args.ls, weight_decay=args.wd,
+                                token_drop=args.token_drop, proto_weight=args.proto_weight,
+                                con_weight=args.con_weight,
+                                classes_per_batch=args.classes_per_batch)
+        adapter, head, _ = tm.finetune(model, adapter, head, x, m, y, cfg, fold_in(key, 2),
+                                       log=ep_log)
+    shot_emb = tm.embed_all(model, adapter, x, m)
+    proto = tm.proto_head(shot_emb, y, n_cls)
+    lr = logreg(np.array(shot_emb), np.array(y), n_cls, args.l2)
+    extra = {v: logreg(np.array(shot_emb), np.array(y), n_cls, v) for v in args.extra_l2}
+    out = {}
+    for name, (split, rows, _) in evals.items():
+        sc = tr if split == "train" else va
+        ridx = mx.array(np.asarray(rows).astype(np.int32))
+        emb = tm.embed_all(model, adapter, sc.states[args.split][ridx], sc.mask[ridx])
+        out[name] = {
+            "head": _softmax(np.array(tm.head_logits(head, emb, args.scale))),
+            "proto": _softmax(np.array(tm.head_logits(proto, emb, args.scale))),
+            "lr": _softmax(np.array(emb @ lr["w"] + lr["b"])),
+        }
+        for v, p in extra.items():
+            out[name][f"lr@{v:g}"] = _softmax(np.array(emb @ p["w"] + p["b"]))
+    return out
 
 
 _MODEL = None

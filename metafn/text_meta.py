@@ -59,7 +59,7 @@ __all__ = [
     "head_logits", "softmax_ce", "loo_proto_loss", "text_loss", "AdaptConfig", "adapt_text",
     "MetaParams", "meta_init", "TextBatch", "text_batch", "episode_query_loss",
     "text_maml_outer", "text_reptile_grad", "episode_accuracy", "proto_accuracy",
-    "FinetuneConfig", "finetune", "embed_all", "predict_logits", "accuracy_np",
+    "FinetuneConfig", "finetune", "embed_all", "predict_logits", "accuracy_np", "supcon_loss",
 ]
 
 
@@ -313,6 +313,29 @@ def loo_proto_loss(emb: mx.array, y: mx.array, n_classes: int, scale: float | mx
     logits = mx.where(onehot > 0, own_logit[:, None], logits)
     logits = mx.where(counts[None, :] > 0, scale * logits, -1e9)  # classes absent from the batch
     return softmax_ce(logits, y)
+
+
+def supcon_loss(emb: mx.array, y: mx.array, scale: float | mx.array) -> mx.array:
+    """Supervised contrastive loss (Khosla et al. 2020, the ``L_out`` form) over a batch
+    ``emb (B, d)``, labels ``y (B,)``, with cosine similarities at temperature ``1 / scale``.
+    Every other example of the same label is a positive, every other example is in the
+    denominator:
+
+        L_i = - mean_{p != i, y_p = y_i} log( exp(s cos(e_i, e_p)) / sum_{a != i} exp(s cos(e_i, e_a)) )
+        L = mean of L_i over the anchors that have at least one positive.
+    """
+    if emb.ndim != 2 or y.shape != emb.shape[:1]:
+        raise ValueError(f"y: expected shape ({emb.shape[0]},) for emb {emb.shape}, got {y.shape}")
+    e = emb * mx.rsqrt(mx.sum(emb * emb, axis=-1, keepdims=True) + 1e-12)
+    n = e.shape[0]
+    eye = mx.eye(n, dtype=mx.bool_)
+    logits = mx.where(eye, -1e9, scale * (e @ e.T))
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    pos = mx.logical_and(y[:, None] == y[None, :], mx.logical_not(eye))
+    n_pos = mx.sum(pos, axis=-1).astype(e.dtype)
+    per = -mx.sum(mx.where(pos, logp, 0.0), axis=-1) / mx.maximum(n_pos, 1.0)
+    has = (n_pos > 0).astype(e.dtype)
+    return mx.sum(per * has) / mx.maximum(mx.sum(has), 1.0)
 
 
 # ----------------------------------------------------------------------------- adaptation
@@ -573,7 +596,11 @@ class FinetuneConfig:
 
     ``proto_weight > 0`` adds ``proto_weight *`` :func:`loo_proto_loss` (same temperature) and
     makes the minibatches class-balanced: ``classes_per_batch`` classes with all their
-    examples (``batch_size`` is then unused; needs at least 2 examples per class)."""
+    examples (``batch_size`` is then unused; needs at least 2 examples per class).
+    ``con_weight > 0`` adds ``con_weight *`` :func:`supcon_loss` (same temperature) with the
+    same class-balanced minibatches; ``ce_weight`` scales the head's cross-entropy (``0``
+    with ``con_weight > 0``: a purely contrastive stage that leaves the head as it is, as in
+    SetFit / CPFT before the classifier is fitted)."""
 
     epochs: int = 10
     batch_size: int = 32
@@ -586,8 +613,21 @@ class FinetuneConfig:
     token_drop: float = 0.0
     proto_weight: float = 0.0
     classes_per_batch: int = 16
+    con_weight: float = 0.0
+    ce_weight: float = 1.0
+
+    @property
+    def balanced(self) -> bool:
+        """Whether minibatches are class-balanced (a prototypical or contrastive term)."""
+        return bool(self.proto_weight or self.con_weight)
 
     def __post_init__(self) -> None:
+        for name in ("con_weight", "ce_weight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name}: expected a non-negative number, got {v!r}")
+        if not (self.ce_weight or self.proto_weight or self.con_weight):
+            raise ValueError("ce_weight, proto_weight, con_weight: at least one must be positive")
         if not (math.isfinite(self.proto_weight) and self.proto_weight >= 0):
             raise ValueError(f"proto_weight: expected a non-negative number, got {self.proto_weight!r}")
         if isinstance(self.classes_per_batch, bool) or not isinstance(self.classes_per_batch, int) \
@@ -633,10 +673,11 @@ def finetune(
         raise ValueError(f"masks, y: expected {n} rows like inputs, got {masks.shape}, {y.shape}")
     np_y = np.array(y)
     classes = np.unique(np_y)
-    if cfg.proto_weight:
+    if cfg.balanced:
         counts = np.bincount(np_y)[classes]
         if counts.min() < 2:
-            raise ValueError("cfg.proto_weight: the prototypical loss needs >= 2 examples per class")
+            raise ValueError("cfg.proto_weight / con_weight: the prototypical and contrastive "
+                             "losses need >= 2 examples per class")
         per_epoch = -(-len(classes) // cfg.classes_per_batch)
     else:
         per_epoch = -(-n // cfg.batch_size)
@@ -649,7 +690,12 @@ def finetune(
     def loss_fn(ad: PyTree, hd: dict[str, mx.array], x: mx.array, m: mx.array, yy: mx.array,
                 k: mx.array, local: mx.array) -> mx.array:
         emb = model_embed(model, ad, x, m, k)
-        loss = softmax_ce(head_logits(hd, emb, cfg.scale), yy, cfg.label_smoothing)
+        loss = mx.array(0.0)
+        if cfg.ce_weight:
+            loss = cfg.ce_weight * softmax_ce(head_logits(hd, emb, cfg.scale), yy,
+                                              cfg.label_smoothing)
+        if cfg.con_weight:
+            loss = loss + cfg.con_weight * supcon_loss(emb, yy, cfg.scale)
         if cfg.proto_weight:
             loss = loss + cfg.proto_weight * loo_proto_loss(emb, local, cfg.classes_per_batch,
                                                             cfg.scale)
@@ -672,10 +718,10 @@ def finetune(
     history = []
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
-        perm = rng.permutation(len(classes) if cfg.proto_weight else n)
+        perm = rng.permutation(len(classes) if cfg.balanced else n)
         losses = []
         for b in range(per_epoch):
-            if cfg.proto_weight:
+            if cfg.balanced:
                 chosen = classes[perm[b * cfg.classes_per_batch:(b + 1) * cfg.classes_per_batch]]
                 rows = np.flatnonzero(np.isin(np_y, chosen))
                 local_np = np.searchsorted(np.sort(chosen), np_y[rows])

@@ -285,3 +285,44 @@ def test_finetune_with_proto_loss_runs(params, table):
     with pytest.raises(ValueError, match="proto_weight"):
         tm.finetune(model, ad0, head, x[:4], table.mask[:4], mx.array([0, 1, 2, 0], dtype=mx.int32),
                     cfg, mx.random.key(5))
+
+
+def test_supcon_loss_matches_explicit():
+    rng = np.random.default_rng(4)
+    e = rng.normal(size=(9, 5)).astype(np.float32)
+    y = np.array([0, 0, 1, 1, 1, 2, 0, 3, 2])  # class 3 has no positive: not an anchor
+    s = 5.0
+    got = float(tm.supcon_loss(mx.array(e), mx.array(y), s).item())
+    u = e / np.linalg.norm(e, axis=1, keepdims=True)
+    sim = s * u @ u.T
+    total, anchors = 0.0, 0
+    for i in range(9):
+        others = [a for a in range(9) if a != i]
+        lse = np.log(np.exp(sim[i, others]).sum())
+        pos = [p for p in others if y[p] == y[i]]
+        if not pos:
+            continue
+        total += np.mean([lse - sim[i, p] for p in pos])
+        anchors += 1
+    assert abs(got - total / anchors) < 1e-4
+    # well separated classes give a lower loss than shuffled ones
+    sep = np.eye(5, dtype=np.float32)[y % 5] + 0.01 * e
+    assert tm.supcon_loss(mx.array(sep), mx.array(y), s).item() < got
+
+
+def test_finetune_contrastive_stage(params, table):
+    model = tm.text_model(params, CFG, _lora(), 1)
+    x = tm.precompute_inputs(model, table)
+    y = mx.array(np.arange(36) % N_WAY, dtype=mx.int32)
+    ad0 = tm.meta_init(model, mx.random.key(0)).adapter
+    head = tm.proto_head(tm.model_embed(model, ad0, x, table.mask), y, N_WAY)
+    cfg = tm.FinetuneConfig(epochs=3, lr=1e-2, head_lr=5e-2, scale=10.0, con_weight=1.0,
+                            ce_weight=0.0, classes_per_batch=2)
+    ad, hd, hist = tm.finetune(model, ad0, head, x, table.mask, y, cfg, mx.random.key(5))
+    assert len(hist) == 3 and all(np.isfinite(h["loss"]) for h in hist)
+    _close(hd, head, 0.0)  # no cross-entropy: the head does not move
+    assert any(float(mx.abs(v["b"]).max().item()) > 0 for v in ad.values())
+    with pytest.raises(ValueError, match="at least one"):
+        tm.FinetuneConfig(ce_weight=0.0)
+    with pytest.raises(ValueError, match="con_weight"):
+        tm.FinetuneConfig(con_weight=-1.0)

@@ -1,11 +1,14 @@
 """The workloads in JAX: ``jax.jit`` of ``value_and_grad`` over ``vmap`` of a per-task loss,
-the inner loop unrolled in Python with ``jax.grad`` (second order by nesting).
+the inner loop unrolled in Python with ``jax.grad`` (second order by nesting); W7 is
+``jit(value_and_grad)`` of a BERT + LoRA loss written in ``jax.numpy`` (the frozen weights an
+argument of the jitted function, not baked-in constants).
 
 Same math, shapes, float32 data and initial parameters as ``metafn_impl``. Timings are of the
 jitted function after it was compiled (steady state)."""
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 
@@ -78,6 +81,17 @@ def _to_numpy(out) -> tuple[float, list[np.ndarray]]:
     return float(out[0]), [np.asarray(g) for g in out[1]]
 
 
+# (jitted step, its arguments) of every built workload, for cost_analysis_flops
+_BUILT: dict[str, tuple] = {}
+
+
+def _jit_runner(w: Workload, fn, args: tuple) -> dict[str, Runner]:
+    """The ``jax`` runner of ``jax.jit(fn)(*args)``, remembered for :func:`cost_analysis_flops`."""
+    step = jax.jit(fn)
+    _BUILT[w.id] = (step, args)
+    return {"jax": Runner(lambda: step(*args), _block, _to_numpy)}
+
+
 def _mlp_maml(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
     flat, ep = split_data(data)
     params = [jnp.asarray(p) for p in flat]
@@ -89,8 +103,7 @@ def _mlp_maml(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
     def meta_loss(p, sx, sy, qx, qy):
         return jnp.mean(jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(p, sx, sy, qx, qy))
 
-    step = jax.jit(jax.value_and_grad(meta_loss))
-    return {"jax": Runner(lambda: step(params, *args), _block, _to_numpy)}
+    return _jit_runner(w, jax.value_and_grad(meta_loss), (params, *args))
 
 
 def _mlp_reptile(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
@@ -107,8 +120,7 @@ def _mlp_reptile(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
         new = [a - w.outer_lr * d for a, d in zip(p, g)]
         return loss, g, new
 
-    step = jax.jit(outer)
-    return {"jax": Runner(lambda: step(params, *args), _block, _to_numpy)}
+    return _jit_runner(w, outer, (params, *args))
 
 
 # --------------------------------------------------------------------------------- conv4
@@ -167,8 +179,7 @@ def _conv4_maml(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
     def meta_loss(p, sx, sy, qx, qy):
         return jnp.mean(jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(p, sx, sy, qx, qy))
 
-    step = jax.jit(jax.value_and_grad(meta_loss))
-    return {"jax": Runner(lambda: step(params, *args), _block, _to_numpy)}
+    return _jit_runner(w, jax.value_and_grad(meta_loss), (params, *args))
 
 
 def protonet_logits(s, sy, q, n_way):
@@ -192,12 +203,82 @@ def _conv4_protonet(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runne
             emb[:, :ns], sy, emb[:, ns:])
         return cross_entropy(logits, qy)
 
-    step = jax.jit(jax.value_and_grad(loss))
-    return {"jax": Runner(lambda: step(params, *args), _block, _to_numpy)}
+    return _jit_runner(w, jax.value_and_grad(loss), (params, *args))
+
+
+# ---------------------------------------------------------------------------------- BERT
+# all-MiniLM-L6-v2 (post-LN BERT) written out in jax.numpy from the Hugging Face state dict:
+# word + position + token-type-0 embeddings, LayerNorm (eps from config.json), per layer
+# 12-head softmax attention with the padding keys masked out, exact (erf) GELU; LoRA
+# ``x W + b + s (x A) B`` on query and value; mean pooling over real tokens, linear head.
+
+
+def layer_norm(x, g, b, eps):
+    mu = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
+    return (x - mu) * jax.lax.rsqrt(var + eps) * g + b
+
+
+def bert_lora_logits(base, lora, head, ids, mask, cfg, scale):
+    """Head logits ``(B, n_way)``; ``base`` the HF state dict (jnp arrays), ``lora`` the flat
+    list ``[qA, qB, vA, vB] x layers``, ``head = [w, b]``."""
+    eps, heads = cfg["layer_norm_eps"], cfg["num_attention_heads"]
+    bsz, n = ids.shape
+    d = cfg["hidden_size"]
+    dh = d // heads
+    x = (base["embeddings.word_embeddings.weight"][ids]
+         + base["embeddings.position_embeddings.weight"][:n]
+         + base["embeddings.token_type_embeddings.weight"][0])
+    h = layer_norm(x, base["embeddings.LayerNorm.weight"], base["embeddings.LayerNorm.bias"], eps)
+    keep = (mask > 0)[:, None, None, :]
+
+    def dense(name, x):
+        return x @ base[name + ".weight"].T + base[name + ".bias"]
+
+    def split(t):
+        return t.reshape(bsz, n, heads, dh).transpose(0, 2, 1, 3)
+
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"encoder.layer.{i}."
+        qa, qb, va, vb = lora[4 * i: 4 * i + 4]
+        q = dense(p + "attention.self.query", h) + scale * ((h @ qa) @ qb)
+        k = dense(p + "attention.self.key", h)
+        v = dense(p + "attention.self.value", h) + scale * ((h @ va) @ vb)
+        s = jnp.einsum("bhqd,bhkd->bhqk", split(q), split(k)) / math.sqrt(dh)
+        s = jnp.where(keep, s, -jnp.inf)
+        ctx = jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, axis=-1), split(v))
+        ctx = ctx.transpose(0, 2, 1, 3).reshape(bsz, n, d)
+        a = layer_norm(dense(p + "attention.output.dense", ctx) + h,
+                       base[p + "attention.output.LayerNorm.weight"],
+                       base[p + "attention.output.LayerNorm.bias"], eps)
+        f = jax.nn.gelu(dense(p + "intermediate.dense", a), approximate=False)
+        h = layer_norm(dense(p + "output.dense", f) + a, base[p + "output.LayerNorm.weight"],
+                       base[p + "output.LayerNorm.bias"], eps)
+    m = mask.astype(h.dtype)[..., None]
+    pooled = jnp.sum(h * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
+    return pooled @ head[0] + head[1]
+
+
+def _bert_lora(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
+    from bench.peers.workloads import load_minilm_np, minilm_config
+
+    cfg = minilm_config()
+    base = {k: jnp.asarray(v) for k, v in load_minilm_np().items()}
+    flat, inp = split_data(data)
+    trainable = [jnp.asarray(p) for p in flat]
+    ids, mask, y = (jnp.asarray(inp[k]) for k in ("ids", "mask", "y"))
+    scale = w.alpha / w.rank
+
+    def loss(tr, base, ids, mask, y):
+        logits = bert_lora_logits(base, tr[:-2], tr[-2:], ids, mask, cfg, scale)
+        return cross_entropy(logits, y)
+
+    return _jit_runner(w, jax.value_and_grad(loss), (trainable, base, ids, mask, y))
 
 
 BUILDERS = {("mlp", "maml"): _mlp_maml, ("mlp", "reptile"): _mlp_reptile,
-            ("conv4", "maml"): _conv4_maml, ("conv4", "protonet"): _conv4_protonet}
+            ("conv4", "maml"): _conv4_maml, ("conv4", "protonet"): _conv4_protonet,
+            ("bert", "lora"): _bert_lora}
 
 
 def build(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
@@ -205,22 +286,14 @@ def build(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
 
 
 def cost_analysis_flops(w: Workload, data: dict[str, np.ndarray]) -> float | None:
-    """XLA's own FLOP count of the compiled step (an instrumented cross-check of the
-    analytic count); None where unavailable."""
+    """XLA's own FLOP count of the built step (``jit(...).lower(*args).cost_analysis()``: the
+    HLO before XLA's optimizations, so no extra compilation), an instrumented cross-check of the
+    analytic count; None where unavailable."""
+    if w.id not in _BUILT:
+        return None
+    step, args = _BUILT[w.id]
     try:
-        flat, ep = split_data(data)
-        params = [jnp.asarray(p) for p in flat]
-        args = [jnp.asarray(ep[k]) for k in ("sx", "sy", "qx", "qy")]
-        if (w.model, w.kind) != ("mlp", "maml"):
-            return None
-
-        def task_loss(p, sx, sy, qx, qy):
-            return mse_loss(adapt(p, sx, sy, w.steps, w.inner_lr, w.first_order), qx, qy)
-
-        def meta_loss(p, sx, sy, qx, qy):
-            return jnp.mean(jax.vmap(task_loss, in_axes=(None, 0, 0, 0, 0))(p, sx, sy, qx, qy))
-
-        ca = jax.jit(jax.value_and_grad(meta_loss)).lower(params, *args).compile().cost_analysis()
+        ca = step.lower(*args).cost_analysis()
         if isinstance(ca, list):
             ca = ca[0]
         return float(ca["flops"])

@@ -1,10 +1,12 @@
 """The workloads in metafn, through its public functions only.
 
-Variants: ``metafn`` (eager, exactly what a user writes), ``metafn-compiled`` (the same call
-wrapped in ``mx.compile``; its first call traces and compiles, timings are steady state) and
-``metafn-streams2`` (the task batch split in two halves, each half's ``maml_outer`` /
-``reptile_grad`` built and evaluated on its own MLX CPU stream -- every stream runs on its own
-thread, so the halves use both cores -- and the results averaged by task count: the same mean).
+Variants: ``metafn`` is the step as a user writes it for speed, the whole call (loss, gradient
+and, for Reptile, the outer update) wrapped in ``mx.compile`` -- the counterpart of the JAX
+peer's ``jax.jit``; its first call traces and compiles, timings are steady state.
+``metafn-eager`` is the same call without ``mx.compile`` (the reference of the correctness
+check). ``metafn-streams2`` (MAML / Reptile) splits the task batch in two halves, each half's
+compiled step evaluated on its own MLX CPU stream -- every stream runs on its own thread, so
+the halves use both cores -- and averages the results by task count (the same mean).
 
 ``import metafn`` must come before any mlx import (fast BLAS preload, see metafn/_blas.py); the
 worker imports this module first in a fresh process.
@@ -29,7 +31,7 @@ from metafn.tasks.episode import Episode
 from metafn.tree import tree_map
 
 NAME = "metafn"
-VARIANTS = ("metafn", "metafn-compiled", "metafn-streams2")
+VARIANTS = ("metafn", "metafn-eager", "metafn-streams2")
 _STREAMS: list = []
 
 
@@ -120,6 +122,17 @@ def _to_numpy(out) -> tuple[float, list[np.ndarray]]:
     return float(out[0].item()), _mlp_leaves(out[1])
 
 
+def _variants(step_fn, args: tuple, to_numpy, split=None, note: str = "") -> dict[str, Runner]:
+    """``metafn`` (compiled), ``metafn-eager`` and, given ``split`` (the step with its task
+    batch split over streams), ``metafn-streams2`` runners of ``step_fn(*args)``."""
+    compiled = mx.compile(step_fn)
+    out = {"metafn": Runner(lambda: compiled(*args), _block, to_numpy, note),
+           "metafn-eager": Runner(lambda: step_fn(*args), _block, to_numpy, note)}
+    if split is not None:
+        out["metafn-streams2"] = Runner(lambda: split(*args), _block, to_numpy, note)
+    return out
+
+
 def _mlp_maml(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
     flat, ep_np = split_data(data)
     params = _mlp_params(flat)
@@ -130,13 +143,8 @@ def _mlp_maml(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
         return maml_outer(loss_fn, p, Episode(sx, sy, qx, qy), w.inner_lr, w.steps,
                           first_order=w.first_order)
 
-    compiled = mx.compile(step_fn)
-    split = split_over_streams(step_fn, 2)
-    return {
-        "metafn": Runner(lambda: step_fn(params, *ep), _block, _to_numpy),
-        "metafn-compiled": Runner(lambda: compiled(params, *ep), _block, _to_numpy),
-        "metafn-streams2": Runner(lambda: split(params, *ep), _block, _to_numpy),
-    }
+    split = split_over_streams(mx.compile(step_fn), 2)
+    return _variants(step_fn, (params, *ep), _to_numpy, split)
 
 
 def _mlp_reptile(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
@@ -156,14 +164,8 @@ def _mlp_reptile(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
 
         return step_fn
 
-    step_fn = with_update(pair)
-    compiled = mx.compile(step_fn)
-    split = with_update(split_over_streams(pair, 2))
-    return {
-        "metafn": Runner(lambda: step_fn(params, *ep), _block, _to_numpy),
-        "metafn-compiled": Runner(lambda: compiled(params, *ep), _block, _to_numpy),
-        "metafn-streams2": Runner(lambda: split(params, *ep), _block, _to_numpy),
-    }
+    split = with_update(split_over_streams(mx.compile(pair), 2))
+    return _variants(with_update(pair), (params, *ep), _to_numpy, split)
 
 
 def _conv4_params(flat: list[np.ndarray]) -> dict:
@@ -198,13 +200,8 @@ def _conv4_maml(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
         return maml_outer(loss_fn, p, Episode(sx, sy, qx, qy), w.inner_lr, w.steps,
                           first_order=w.first_order)
 
-    compiled = mx.compile(step_fn)
-    split = split_over_streams(step_fn, 2)
-    return {
-        "metafn": Runner(lambda: step_fn(params, *ep), _block, _conv4_to_numpy),
-        "metafn-compiled": Runner(lambda: compiled(params, *ep), _block, _conv4_to_numpy),
-        "metafn-streams2": Runner(lambda: split(params, *ep), _block, _conv4_to_numpy),
-    }
+    split = split_over_streams(mx.compile(step_fn), 2)
+    return _variants(step_fn, (params, *ep), _conv4_to_numpy, split)
 
 
 def _conv4_protonet(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
@@ -227,11 +224,7 @@ def _conv4_protonet(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runne
                 "over (bench/peers/metafn_impl.py:_protonet_step)")
         step_fn = _protonet_step(w.n_way)
 
-    compiled = mx.compile(step_fn)
-    return {
-        "metafn": Runner(lambda: step_fn(params, *ep), _block, _conv4_to_numpy, note),
-        "metafn-compiled": Runner(lambda: compiled(params, *ep), _block, _conv4_to_numpy, note),
-    }
+    return _variants(step_fn, (params, *ep), _conv4_to_numpy, note=note)
 
 
 def _protonet_step(n_way: int):
@@ -256,8 +249,57 @@ def _protonet_step(n_way: int):
     return step_fn
 
 
+def _lora_tree(w: Workload, flat: list[np.ndarray], layers: int) -> dict:
+    """``{"lora": adapter, "head": {"w", "b"}}`` from the canonical leaves (see workloads)."""
+    adapter, i = {}, 0
+    for layer in range(layers):
+        for module in ("query", "value"):
+            adapter[f"encoder.layer.{layer}.attention.self.{module}"] = {
+                "a": mx.array(flat[i]), "b": mx.array(flat[i + 1])}
+            i += 2
+    return {"lora": adapter, "head": {"w": mx.array(flat[i]), "b": mx.array(flat[i + 1])}}
+
+
+def _lora_leaves(tree: dict) -> list[np.ndarray]:
+    out = [np.array(node[k]) for node in tree["lora"].values() for k in ("a", "b")]
+    return out + [np.array(tree["head"]["w"]), np.array(tree["head"]["b"])]
+
+
+def _lora_to_numpy(out) -> tuple[float, list[np.ndarray]]:
+    return float(out[0].item()), _lora_leaves(out[1])
+
+
+def _bert_lora(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
+    """W7: ``mx.value_and_grad`` wrt ``{"lora", "head"}`` of the cross-entropy of a linear head
+    on :func:`metafn.nn.bert.mean_pool` of :func:`metafn.nn.bert.bert_apply` run through
+    :func:`metafn.peft.lora_apply` (unmerged branch ``x W + s (x A) B``); the pretrained base
+    (``bert_load`` of the same directory) is a constant closed over by the step."""
+    from bench.peers.workloads import minilm_dir
+    from metafn import peft
+    from metafn.losses import cross_entropy
+    from metafn.nn import bert
+
+    config, base, _ = bert.bert_load(minilm_dir(), with_tokenizer=False)
+    flat, inp = split_data(data)
+    trainable = _lora_tree(w, flat, config.num_hidden_layers)
+    ids, mask, y = (mx.array(inp[k]) for k in ("ids", "mask", "y"))
+    lcfg = peft.LoraConfig(r=w.rank, alpha=w.alpha, target_modules=("query", "value"))
+
+    def loss(tr, ids, mask, y):
+        h = peft.lora_apply(base, tr["lora"], lcfg, bert.bert_apply, config, ids, mask,
+                            unmerged=True)
+        logits = bert.mean_pool(h, mask) @ tr["head"]["w"] + tr["head"]["b"]
+        return cross_entropy(logits, y)
+
+    def step_fn(tr, ids, mask, y):
+        return mx.value_and_grad(loss)(tr, ids, mask, y)
+
+    return _variants(step_fn, (trainable, ids, mask, y), _lora_to_numpy)
+
+
 BUILDERS = {("mlp", "maml"): _mlp_maml, ("mlp", "reptile"): _mlp_reptile,
-            ("conv4", "maml"): _conv4_maml, ("conv4", "protonet"): _conv4_protonet}
+            ("conv4", "maml"): _conv4_maml, ("conv4", "protonet"): _conv4_protonet,
+            ("bert", "lora"): _bert_lora}
 
 
 def build(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:

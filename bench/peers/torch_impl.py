@@ -1,11 +1,13 @@
 """The workloads in PyTorch with ``torch.func``: ``grad`` over ``vmap`` of a per-task loss
-whose inner loop calls ``torch.func.grad`` (second order by nesting), on a hand-written
-functional MLP (``x @ w + b``, the same layout as metafn). Eager mode (no ``torch.compile``).
+whose inner loop calls ``torch.func.grad`` (second order by nesting), on hand-written
+functional models (MLP ``x @ w + b`` in metafn's layout, conv4, W7's BERT + LoRA). Eager mode
+(no ``torch.compile``).
 
 Same math, shapes, float32 data and initial parameters as ``metafn_impl``."""
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 
@@ -206,8 +208,72 @@ def _conv4_protonet(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runne
     return {"torch": Runner(lambda: step(params, *args), _block, _conv4_to_numpy)}
 
 
+# ---------------------------------------------------------------------------------- BERT
+# all-MiniLM-L6-v2 as plain functional torch over the Hugging Face state dict (the math of
+# jax_impl.bert_lora_logits): F.linear with the (d_out, d_in) weights, F.layer_norm, masked
+# softmax attention, exact (erf) F.gelu, LoRA on query and value, mean pooling, linear head.
+
+
+def bert_lora_logits(base, lora, head, ids, mask, cfg, scale):
+    """Head logits ``(B, n_way)``; ``lora`` the flat ``[qA, qB, vA, vB] x layers``."""
+    eps, heads = cfg["layer_norm_eps"], cfg["num_attention_heads"]
+    bsz, n = ids.shape
+    d = cfg["hidden_size"]
+    dh = d // heads
+    x = (base["embeddings.word_embeddings.weight"][ids]
+         + base["embeddings.position_embeddings.weight"][:n]
+         + base["embeddings.token_type_embeddings.weight"][0])
+
+    def ln(x, name):
+        return F.layer_norm(x, (d,), base[name + ".weight"], base[name + ".bias"], eps)
+
+    def dense(name, x):
+        return F.linear(x, base[name + ".weight"], base[name + ".bias"])
+
+    def split(t):
+        return t.reshape(bsz, n, heads, dh).transpose(1, 2)
+
+    h = ln(x, "embeddings.LayerNorm")
+    keep = (mask > 0)[:, None, None, :]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"encoder.layer.{i}."
+        qa, qb, va, vb = lora[4 * i: 4 * i + 4]
+        q = dense(p + "attention.self.query", h) + scale * ((h @ qa) @ qb)
+        k = dense(p + "attention.self.key", h)
+        v = dense(p + "attention.self.value", h) + scale * ((h @ va) @ vb)
+        s = (split(q) @ split(k).transpose(-1, -2)) / math.sqrt(dh)
+        s = s.masked_fill(~keep, float("-inf"))
+        ctx = (torch.softmax(s, dim=-1) @ split(v)).transpose(1, 2).reshape(bsz, n, d)
+        a = ln(dense(p + "attention.output.dense", ctx) + h, p + "attention.output.LayerNorm")
+        f = F.gelu(dense(p + "intermediate.dense", a))
+        h = ln(dense(p + "output.dense", f) + a, p + "output.LayerNorm")
+    m = mask.to(h.dtype)[..., None]
+    pooled = torch.sum(h * m, dim=1) / torch.clamp_min(torch.sum(m, dim=1), 1e-9)
+    return pooled @ head[0] + head[1]
+
+
+def _bert_lora(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
+    from bench.peers.workloads import load_minilm_np, minilm_config
+
+    cfg = minilm_config()
+    base = {k: torch.from_numpy(v) for k, v in load_minilm_np().items()}
+    flat, inp = split_data(data)
+    trainable = tuple(torch.from_numpy(np.array(p)) for p in flat)
+    ids = torch.from_numpy(inp["ids"]).long()
+    mask = torch.from_numpy(inp["mask"]).long()
+    y = torch.from_numpy(inp["y"]).long()
+    scale = w.alpha / w.rank
+
+    def loss(tr):
+        return cross_entropy(bert_lora_logits(base, tr[:-2], tr[-2:], ids, mask, cfg, scale), y)
+
+    step = grad_and_value(loss)
+    return {"torch": Runner(lambda: step(trainable), _block, _to_numpy)}
+
+
 BUILDERS = {("mlp", "maml"): _mlp_maml, ("mlp", "reptile"): _mlp_reptile,
-            ("conv4", "maml"): _conv4_maml, ("conv4", "protonet"): _conv4_protonet}
+            ("conv4", "maml"): _conv4_maml, ("conv4", "protonet"): _conv4_protonet,
+            ("bert", "lora"): _bert_lora}
 
 
 def build(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
