@@ -110,6 +110,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"trained {summary['step']} steps in {summary['train_seconds']:.1f} s "
+          f"({summary['train_cpu_seconds']:.1f} CPU s) "
           f"({1000 * summary['seconds_per_step']:.2f} ms/step); best {summary['best']}")
     if args.no_eval:
         return 0
@@ -142,6 +143,7 @@ def _eval(args: argparse.Namespace) -> int:
         info = read_metadata(last)
         summary = {"step": info.get("step"), "best": info.get("best"),
                    "train_seconds": info.get("train_seconds"),
+                   "train_cpu_seconds": info.get("train_cpu_seconds"),
                    "seconds_per_step": (info.get("train_seconds") or 0.0) / max(info.get("step") or 1, 1)}
     run_evaluation(config, out, meta, summary, progress=not args.no_progress)
     print(f"results: {out / 'results.json'}")

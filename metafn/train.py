@@ -160,21 +160,23 @@ def train(
     last_path, best_path, log_path = out / "last.safetensors", out / "best.safetensors", out / "metrics.jsonl"
     config_dict = config_to_dict(config)
     best: dict[str, float] | None = None
-    elapsed = 0.0
+    elapsed = cpu = 0.0  # wall-clock and process CPU seconds spent training (not in evaluation)
     if resume and last_path.exists():
         state, meta = load_checkpoint(last_path, state)
         if meta.get("config") != config_dict:
             raise ValueError(
                 f"out_dir: {out} holds a run with a different config; use another --out or --no-resume"
             )
-        best, elapsed = meta.get("best"), float(meta.get("train_seconds", 0.0))
+        best = meta.get("best")
+        elapsed = float(meta.get("train_seconds", 0.0))
+        cpu = float(meta.get("train_cpu_seconds", 0.0))
         log(f"resuming from {last_path} at step {int(state.step.item())}")
     _truncate_log(log_path, int(state.step.item()))
     (out / "config.json").write_text(json.dumps(config_dict, indent=2))
 
     def metadata(st: TrainState, extra: dict[str, Any]) -> dict[str, Any]:
         return {"config": config_dict, "step": int(st.step.item()), "best": best,
-                "train_seconds": elapsed, **extra}
+                "train_seconds": elapsed, "train_cpu_seconds": cpu, **extra}
 
     step_fn = make_meta_train_step(exp, config, optimizer)
     total = config.train.steps
@@ -184,7 +186,7 @@ def train(
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=start, desc=config.name, unit="it", dynamic_ncols=True)
-    t_mark = time.perf_counter()
+    t_mark, c_mark = time.perf_counter(), time.process_time()
     with open(log_path, "a") as logf:
         for t in range(start, total):
             if stop_after is not None and t - start >= stop_after:
@@ -194,6 +196,7 @@ def train(
             loss = float(metrics["loss"].item())
             if not math.isfinite(loss):
                 elapsed += time.perf_counter() - t_mark
+                cpu += time.process_time() - c_mark
                 save_checkpoint(last_path, state, metadata(state, {"diverged_at": t}))
                 raise TrainingDiverged(
                     f"meta-loss is {loss} at step {t}; stopped. The last good state (step {t}) is in "
@@ -212,20 +215,23 @@ def train(
                 if _better(scores, best):
                     best = {**scores, "step": step}
                     elapsed += time.perf_counter() - t_mark
-                    t_mark = time.perf_counter()
+                    cpu += time.process_time() - c_mark
+                    t_mark, c_mark = time.perf_counter(), time.process_time()
                     save_checkpoint(best_path, state.meta, metadata(state, {"kind": "best"}))
                 if bar is not None:
                     bar.set_postfix({k.replace("val_", ""): round(v, 4) for k, v in scores.items()})
             if step % config.train.save_interval == 0 or step == total:
                 elapsed += time.perf_counter() - t_mark
-                t_mark = time.perf_counter()
+                cpu += time.process_time() - c_mark
+                t_mark, c_mark = time.perf_counter(), time.process_time()
                 save_checkpoint(last_path, state, metadata(state, {"kind": "last"}))
             if bar is not None:
                 bar.update(1)
     elapsed += time.perf_counter() - t_mark
+    cpu += time.process_time() - c_mark
     if bar is not None:
         bar.close()
     done = int(state.step.item())
-    summary = {"step": done, "best": best, "train_seconds": elapsed,
+    summary = {"step": done, "best": best, "train_seconds": elapsed, "train_cpu_seconds": cpu,
                "seconds_per_step": elapsed / max(done, 1)}
     return state, summary

@@ -69,6 +69,8 @@ def collect() -> list[dict]:
             "pooled_train": r.get("pooled_train"),
             "train_steps": train.get("step"),
             "train_minutes": train["train_seconds"] / 60 if train else None,
+            "train_cpu_minutes": (train["train_cpu_seconds"] / 60
+                                  if train.get("train_cpu_seconds") is not None else None),
             "seconds_per_meta_iteration": train.get("seconds_per_step"),
             "command": command,
         })

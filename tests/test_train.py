@@ -50,10 +50,13 @@ def test_interrupted_run_resumes_to_identical_parameters(tmp_path, algorithm):
     data["algorithm"]["name"] = algorithm
     config = config_from_dict(data)
     full, _ = train(config, tmp_path / "full", progress=False, log=lambda s: None)
-    part, _ = train(config, tmp_path / "part", progress=False, stop_after=8, log=lambda s: None)
+    part, first = train(config, tmp_path / "part", progress=False, stop_after=8, log=lambda s: None)
     assert int(part.step.item()) == 8
-    resumed, _ = train(config, tmp_path / "part", progress=False, log=lambda s: None)
+    resumed, summary = train(config, tmp_path / "part", progress=False, log=lambda s: None)
     assert int(resumed.step.item()) == 20
+    # the resumed run's times continue the first part's (wall clock and process CPU)
+    assert summary["train_seconds"] > first["train_seconds"] > 0
+    assert summary["train_cpu_seconds"] > first["train_cpu_seconds"] > 0
     assert_trees_equal(resumed.meta, full.meta)
     assert_trees_equal(resumed.opt_state, full.opt_state)
     logs = [strip_times((tmp_path / d / "metrics.jsonl").read_text().splitlines()) for d in ("full", "part")]
