@@ -1,7 +1,8 @@
 """metafn: pure-function meta-learning and parameter-efficient fine-tuning on MLX.
 
 Importing metafn first preloads an optimized BLAS (see :mod:`metafn._blas`) and only then imports
-``mlx.core``; import metafn before mlx to get fast matmuls on Linux.
+``mlx.core``; import metafn before mlx to get fast matmuls on Linux. On glibc it also keeps freed
+memory in the process (:mod:`metafn._malloc`), which MLX's CPU buffers reuse.
 
 Everything is a pure function over parameter pytrees (nested dicts / lists of ``mx.array``)::
 
@@ -15,9 +16,10 @@ Everything is a pure function over parameter pytrees (nested dicts / lists of ``
     loss, grads = metafn.maml_outer(loss_fn, params, episodes, inner_lr=0.01, steps=1)
 """
 
-from metafn import _blas
+from metafn import _blas, _malloc
 
 _blas.preload()
+_malloc.tune()
 
 import mlx.core as _mx  # noqa: E402,F401  (must come after the BLAS preload)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import metafn  # noqa: F401  (BLAS preload before mlx)
 import mlx.core as mx
 
-from metafn import _blas
+from metafn import _blas, _malloc
 from metafn.config import ConfigError, config_from_dict, load_config
 
 __all__ = ["main", "gemm_gflops"]
@@ -47,6 +47,7 @@ def _info(args: argparse.Namespace) -> int:
         "blas_preloaded": st.library,
         "blas_status": st.reason,
         "blas_libraries_mapped": _blas.loaded_blas_libraries(),
+        "malloc": _malloc.status().reason,
         f"gemm_{args.n}_float32_gflops": round(rate, 1),
     }
     if args.json:
