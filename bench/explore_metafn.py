@@ -30,10 +30,10 @@ Variants:
                   (eager, the task loop on ``mx.split`` slices: :func:`conv4_split_losses`)
   ProtoNet (W6)   eager, compiled, im2col
 ``--blas-threads 1,2`` runs every variant once per OpenBLAS thread count
-(``openblas_set_num_threads`` between turns, same process). ``--mallopt`` first tells glibc's
-malloc to keep freed memory (:func:`keep_freed_memory`; MLX's CPU allocator has no buffer cache,
-so every large array is otherwise a fresh ``mmap`` whose pages fault in zero-filled): compare a
-run with and one without it. ``--conv`` times one 3x3
+(``openblas_set_num_threads`` between turns, same process). ``import metafn`` keeps freed memory
+in glibc's heap (metafn/_malloc.py); run once more with ``METAFN_MALLOC=default`` to time glibc's
+defaults (MLX's CPU allocator has no buffer cache, so every large array is then a fresh ``mmap``
+whose pages fault in zero-filled). ``--conv`` times one 3x3
 convolution of each conv4 layer shape alone (forward; forward + gradient wrt the kernel;
 forward + gradient wrt kernel and input), ``mx.conv2d`` against :func:`im2col_conv3x3`.
 """
@@ -88,17 +88,6 @@ def patched_conv3x3(fn):
         yield
     finally:
         conv4.conv3x3 = saved
-
-
-def keep_freed_memory() -> None:
-    """``mallopt(M_MMAP_THRESHOLD, 1 GiB)`` and ``mallopt(M_TRIM_THRESHOLD, 2 GiB - 1)``
-    (glibc): arrays below 1 GiB come from the heap and freed memory is not returned to the
-    kernel, so reused buffers do not page-fault again (the proposed metafn import-time setting;
-    the environment equivalent is ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...``)."""
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    if not (libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
-        raise OSError("mallopt refused the thresholds")
 
 
 def mlp_maml_variants(w: Workload, params, ep) -> dict[str, Variant]:
@@ -335,11 +324,7 @@ def main() -> None:
     ap.add_argument("--blas-threads", default="",
                     help="comma-separated OpenBLAS thread counts to time every variant with")
     ap.add_argument("--conv", action="store_true", help="time single conv4 convolutions only")
-    ap.add_argument("--mallopt", action="store_true",
-                    help="keep freed memory in glibc's heap (keep_freed_memory) before building")
     a = ap.parse_args()
-    if a.mallopt:
-        keep_freed_memory()
     if a.conv:
         conv_table(a.repeats)
         return

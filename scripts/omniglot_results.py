@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 #: results file (under results/omniglot/) -> (algorithm, commands that produced it)
 ROWS: dict[str, tuple[str, str]] = {
     "protonet_5way.json": ("protonet", "metafn train --config configs/omniglot_protonet.yaml --out runs/omniglot_protonet --no-eval; "
-                           "metafn eval --checkpoint runs/omniglot_protonet/best.safetensors"),
-    "protonet_20way.json": ("protonet", "metafn eval --checkpoint runs/omniglot_protonet/best.safetensors --set eval.n_way=20 --set eval.n_query=5"),
-    "protonet_20way_within.json": ("protonet", "metafn eval --checkpoint runs/omniglot_protonet/best.safetensors --set eval.n_way=20 --set eval.n_query=5 --set eval.within_alphabet=true"),
-    "maml_5way.json": ("maml", "metafn train --config configs/omniglot_maml.yaml --out runs/omniglot_maml"),
+                           "metafn eval --checkpoint runs/omniglot_protonet/best.safetensors --set eval.pooled_steps=2000"),
+    "protonet_20way.json": ("protonet", "metafn eval --checkpoint runs/omniglot_protonet/best.safetensors --no-baselines --set eval.n_way=20 --set eval.n_tasks=600"),
+    "protonet_20way_within.json": ("protonet", "metafn eval --checkpoint runs/omniglot_protonet/best.safetensors --no-baselines --set eval.n_way=20 --set eval.n_tasks=600 --set eval.within_alphabet=true"),
+    "maml_5way.json": ("maml", "metafn train --config configs/omniglot_maml.yaml --out runs/omniglot_maml --no-eval; "
+                       "metafn eval --checkpoint runs/omniglot_maml/best.safetensors --set eval.pooled_steps=2000"),
     "metasgd_5way.json": ("metasgd", "metafn train --config configs/omniglot_metasgd.yaml --out runs/omniglot_metasgd"),
     "fomaml_5way.json": ("fomaml", "metafn train --config configs/omniglot_fomaml.yaml --out runs/omniglot_fomaml"),
     "reptile_5way.json": ("reptile", "metafn train --config configs/omniglot_reptile.yaml --out runs/omniglot_reptile"),
