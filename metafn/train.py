@@ -160,7 +160,7 @@ def train(
     last_path, best_path, log_path = out / "last.safetensors", out / "best.safetensors", out / "metrics.jsonl"
     config_dict = config_to_dict(config)
     best: dict[str, float] | None = None
-    elapsed = cpu = 0.0  # wall-clock and process CPU seconds spent training (not in evaluation)
+    elapsed = cpu = 0.0  # wall-clock and process CPU seconds of the training loop (validation included)
     if resume and last_path.exists():
         state, meta = load_checkpoint(last_path, state)
         if meta.get("config") != config_dict:
@@ -187,6 +187,14 @@ def train(
 
         bar = tqdm(total=total, initial=start, desc=config.name, unit="it", dynamic_ncols=True)
     t_mark, c_mark = time.perf_counter(), time.process_time()
+
+    def clock() -> None:
+        """Add the wall-clock and CPU time since the last mark to ``elapsed`` / ``cpu``; mark now."""
+        nonlocal elapsed, cpu, t_mark, c_mark
+        now, now_cpu = time.perf_counter(), time.process_time()
+        elapsed, cpu = elapsed + now - t_mark, cpu + now_cpu - c_mark
+        t_mark, c_mark = now, now_cpu
+
     with open(log_path, "a") as logf:
         for t in range(start, total):
             if stop_after is not None and t - start >= stop_after:
@@ -195,8 +203,7 @@ def train(
             mx.eval(new_state, metrics)
             loss = float(metrics["loss"].item())
             if not math.isfinite(loss):
-                elapsed += time.perf_counter() - t_mark
-                cpu += time.process_time() - c_mark
+                clock()
                 save_checkpoint(last_path, state, metadata(state, {"diverged_at": t}))
                 raise TrainingDiverged(
                     f"meta-loss is {loss} at step {t}; stopped. The last good state (step {t}) is in "
@@ -214,21 +221,16 @@ def train(
                 logf.flush()
                 if _better(scores, best):
                     best = {**scores, "step": step}
-                    elapsed += time.perf_counter() - t_mark
-                    cpu += time.process_time() - c_mark
-                    t_mark, c_mark = time.perf_counter(), time.process_time()
+                    clock()
                     save_checkpoint(best_path, state.meta, metadata(state, {"kind": "best"}))
                 if bar is not None:
                     bar.set_postfix({k.replace("val_", ""): round(v, 4) for k, v in scores.items()})
             if step % config.train.save_interval == 0 or step == total:
-                elapsed += time.perf_counter() - t_mark
-                cpu += time.process_time() - c_mark
-                t_mark, c_mark = time.perf_counter(), time.process_time()
+                clock()
                 save_checkpoint(last_path, state, metadata(state, {"kind": "last"}))
             if bar is not None:
                 bar.update(1)
-    elapsed += time.perf_counter() - t_mark
-    cpu += time.process_time() - c_mark
+    clock()
     if bar is not None:
         bar.close()
     done = int(state.step.item())
