@@ -37,7 +37,12 @@ def _require(ok: bool, key: str, expected: str, got: Any) -> None:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """Which tasks to meta-learn: family, shots, queries, ways and family options."""
+    """Which tasks to meta-learn: family, shots, queries, ways and family options.
+
+    ``augment_rotation`` (degrees), ``augment_shift`` (pixels) and ``augment_scale`` (relative)
+    give the ranges of a random affine transform applied to every meta-training image of
+    Omniglot (:mod:`metafn.tasks.augment`); validation and test images are never augmented.
+    """
 
     family: str = "sine"
     k_shot: int = 5
@@ -50,6 +55,9 @@ class TaskConfig:
     rotations: bool = True
     within_alphabet: bool = False
     translation_range: tuple[float, ...] | None = None
+    augment_rotation: float = 0.0
+    augment_shift: float = 0.0
+    augment_scale: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.family in FAMILIES, "task.family", f"one of {list(FAMILIES)}", self.family)
@@ -68,6 +76,12 @@ class TaskConfig:
             _require(len(t) == 2 and all(math.isfinite(v) for v in t) and t[0] <= t[1],
                      "task.translation_range", "a [low, high] pair of finite floats, low <= high",
                      list(t))
+        for key in ("augment_rotation", "augment_shift", "augment_scale"):
+            value = getattr(self, key)
+            _require(math.isfinite(value) and value >= 0, f"task.{key}", "a finite float >= 0", value)
+            _require(value == 0 or self.family == "omniglot", f"task.{key}",
+                     "0 except for omniglot (image augmentation)", value)
+        _require(self.augment_scale < 1, "task.augment_scale", "a float in [0, 1)", self.augment_scale)
 
 
 @dataclass(frozen=True)

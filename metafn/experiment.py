@@ -107,6 +107,14 @@ def _omniglot_splits(config: Config) -> dict[str, Any]:
     return split_omniglot(data, rotations=task.rotations)._asdict()
 
 
+def _omniglot_augment(config: Config) -> Any:
+    """The meta-training split's :class:`~metafn.tasks.augment.Augment` of ``config.task``."""
+    from metafn.tasks.augment import Augment
+
+    task = config.task
+    return Augment(task.augment_rotation, task.augment_shift, task.augment_scale)
+
+
 def _omniglot_experiment(config: Config) -> Experiment:
     from metafn.nn.conv4 import conv4_embed, conv4_init, conv4_task_logits
     from metafn.tasks.omniglot import sample_omniglot_episodes
@@ -114,12 +122,14 @@ def _omniglot_experiment(config: Config) -> Experiment:
     task = config.task
     splits = _omniglot_splits(config)
     n_way = task.n_way
+    augment = _omniglot_augment(config)
 
     def sample(key: mx.array, split: str, n_tasks: int) -> Episode:
         if split not in splits:
             raise ValueError(f"split: expected one of {sorted(splits)}, got {split!r}")
         return sample_omniglot_episodes(key, splits[split], n_tasks, n_way, task.k_shot,
-                                        task.n_query, within_alphabet=task.within_alphabet)
+                                        task.n_query, within_alphabet=task.within_alphabet,
+                                        augment=augment if split == "train" else None)
 
     return Experiment(
         init_params=lambda key: conv4_init(key, n_way, hidden=config.model.channels,
@@ -223,8 +233,9 @@ class PooledTask(NamedTuple):
     """Supervised pre-training on all meta-train classes pooled (Omniglot's pooled baseline).
 
     init_params(key) -> conv4 parameters with an ``n_classes``-way head; sample(key) -> images
-    ``x (B, H, W, 1)`` and global labels ``y (B,)`` drawn from the meta-train split
-    (:func:`metafn.tasks.omniglot.sample_omniglot_batch`); loss(params, x, y) -> the mean
+    ``x (B, H, W, 1)`` and global labels ``y (B,)`` drawn from the meta-train split and
+    augmented as meta-training is (``task.augment_*``;
+    :func:`metafn.tasks.omniglot.sample_omniglot_batch`); loss(params, x, y) -> the mean
     cross-entropy ``(1/B) sum_i -log softmax(conv4(x_i))_{y_i}`` (batch norm with the
     statistics of the batch, as in every other use of conv4).
     """
@@ -258,7 +269,7 @@ def build_pooled_task(config: Config) -> PooledTask:
                          f"images of the meta-train split; set a smaller eval.pooled_batch_size")
     return PooledTask(
         init_params=lambda key: conv4_init(key, n_classes, hidden=channels, image_size=size),
-        sample=lambda key: sample_omniglot_batch(key, train_split, batch),
+        sample=lambda key: sample_omniglot_batch(key, train_split, batch, _omniglot_augment(config)),
         loss=conv4_loss,
         n_classes=n_classes,
         batch_size=batch,

@@ -67,13 +67,14 @@ import io
 import os
 import zipfile
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from metafn._atomic import atomic_write
 
+from metafn.tasks.augment import Augment, random_affine
 from metafn.tasks.datadir import default_data_dir
 from metafn.tasks.episode import Episode
 
@@ -539,11 +540,14 @@ def _class_images(data: OmniglotData, classes: np.ndarray, drawings: np.ndarray)
 
 
 def gather_omniglot_episodes(
-    data: OmniglotData, classes: np.ndarray, drawings: np.ndarray, k_shot: int
+    data: OmniglotData, classes: np.ndarray, drawings: np.ndarray, k_shot: int,
+    transform: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Episode:
     """Build the episodes of :func:`sample_omniglot_indices`' ``(classes, drawings)``.
 
-    The first ``k_shot`` drawings of each class are support, the rest query. Returns x
+    The first ``k_shot`` drawings of each class are support, the rest query. ``transform``, if
+    given, maps the float images ``(T, N, K+Q, H, W)`` before they are split (augmentation).
+    Returns x
     ``(T, N K, H, W, 1)`` / ``(T, N Q, H, W, 1)`` float32 in [0, 1] and int32 labels
     ``y[t, n K + j] = n``.
     """
@@ -554,6 +558,8 @@ def gather_omniglot_episodes(
     if not 1 <= k_shot < m:
         raise ValueError(f"k_shot: expected 1 <= k_shot < {m} (drawings per class), got {k_shot}")
     x = _class_images(data, classes[..., None], drawings)  # (T, N, K+Q, H, W)
+    if transform is not None:
+        x = transform(x)
     h, w = x.shape[-2:]
     q = m - k_shot
     labels = np.arange(n, dtype=np.int32)
@@ -573,19 +579,35 @@ def sample_omniglot_episodes(
     k_shot: int,
     n_query: int,
     within_alphabet: bool = False,
+    augment: Augment | None = None,
 ) -> Episode:
     """``n_tasks`` N-way K-shot episodes with ``n_query`` queries per class.
 
     support_x ``(T, N K, H, W, 1)`` float32, support_y ``(T, N K)`` int32 in ``0..N-1``;
     query_x ``(T, N Q, H, W, 1)``, query_y ``(T, N Q)``. ``within_alphabet=True`` draws every
-    task's classes from one alphabet with >= N classes. Errors: ``n_way`` above the classes
-    available, ``k_shot + n_query`` above the drawings per class.
+    task's classes from one alphabet with >= N classes. ``augment`` (meta-training only) warps
+    every image by its own random affine transform (:mod:`metafn.tasks.augment`); the key is
+    then split into one for the episode and one for the transforms, so the same key still gives
+    the same episode. Errors: ``n_way`` above the classes available, ``k_shot + n_query`` above
+    the drawings per class, a negative augmentation range.
     """
     _positive("k_shot", k_shot)
     _positive("n_query", n_query)
+    key, transform = _augmenter(key, augment)
     classes, drawings = sample_omniglot_indices(key, data, n_tasks, n_way, k_shot + n_query,
                                                 within_alphabet)
-    return gather_omniglot_episodes(data, classes, drawings, k_shot)
+    return gather_omniglot_episodes(data, classes, drawings, k_shot, transform)
+
+
+def _augmenter(key: mx.array, augment: Augment | None
+               ) -> tuple[mx.array, Callable[[np.ndarray], np.ndarray] | None]:
+    """``(key, None)`` without augmentation, else ``(sampling key, image transform)`` from a
+    split of ``key``."""
+    if augment is None or not augment.check().active:
+        return key, None
+    _rng(key)  # the key's own error before it is split
+    sample_key, warp_key = mx.random.split(key)
+    return sample_key, lambda x: random_affine(_rng(warp_key), x, augment)
 
 
 def sample_omniglot_episode(
@@ -602,7 +624,8 @@ def sample_omniglot_episode(
     return Episode(*(v[0] for v in ep))
 
 
-def sample_omniglot_batch(key: mx.array, data: OmniglotData, batch_size: int) -> tuple[mx.array, mx.array]:
+def sample_omniglot_batch(key: mx.array, data: OmniglotData, batch_size: int,
+                          augment: Augment | None = None) -> tuple[mx.array, mx.array]:
     """A minibatch of images with *global* class labels, for pooled supervised pre-training.
 
     Draws ``batch_size`` distinct ``(class, drawing)`` pairs uniformly among all
@@ -610,12 +633,14 @@ def sample_omniglot_batch(key: mx.array, data: OmniglotData, batch_size: int) ->
     float32 in [0, 1] and y ``(B,)`` int32 with ``y[i] = k``, the class id of image ``i``:
     ``k = rotations * c + r`` for character ``c`` rotated by ``r * 90`` degrees, the numbering
     of :func:`sample_omniglot_indices` (so label ``k`` always means the same class, unlike an
-    episode's per-task labels ``0..N-1``). The same key gives the same batch.
+    episode's per-task labels ``0..N-1``). The same key gives the same batch. ``augment`` warps
+    the images as in :func:`sample_omniglot_episodes`.
     """
     if not isinstance(data, OmniglotData):
         raise TypeError(f"data: expected OmniglotData (load_omniglot / split_omniglot), got "
                         f"{type(data).__name__}")
     _positive("batch_size", batch_size)
+    key, transform = _augmenter(key, augment)
     total = data.n_classes * data.n_drawings
     if batch_size > total:
         raise ValueError(f"batch_size: {batch_size} exceeds the {total} images of the split "
@@ -623,4 +648,6 @@ def sample_omniglot_batch(key: mx.array, data: OmniglotData, batch_size: int) ->
     flat = _rng(key).choice(total, size=batch_size, replace=False)
     classes, drawings = flat // data.n_drawings, flat % data.n_drawings
     x = _class_images(data, classes, drawings)
+    if transform is not None:
+        x = transform(x)
     return mx.array(x[..., None]), mx.array(classes.astype(np.int32))
