@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -17,6 +18,7 @@ import metafn  # noqa: F401  (BLAS preload before mlx)
 import mlx.core as mx
 
 from metafn import _blas, _malloc
+from metafn._atomic import atomic_write_text
 from metafn.config import ConfigError, config_from_dict, load_config
 
 __all__ = ["main", "gemm_gflops"]
@@ -171,8 +173,19 @@ def _bench(args: argparse.Namespace) -> int:
         mx.eval(state, m)
         times.append(time.perf_counter() - t0)
     times.sort()
-    print(json.dumps({"config": args.config, "ms_per_meta_step_median": 1000 * times[len(times) // 2],
-                      "ms_min": 1000 * times[0], "repeats": args.repeats}, indent=2))
+    report = json.dumps({
+        "config": args.config, "name": config.name, "algorithm": config.algorithm.name,
+        "overrides": list(args.set),
+        "ms_per_meta_step_median": 1000 * times[len(times) // 2],
+        "ms_min": 1000 * times[0], "ms_max": 1000 * times[-1], "repeats": args.repeats,
+        "warmup": args.warmup, "mlx": mx.__version__, "device": str(mx.default_device()),
+        "blas": _blas.status().library, "malloc": _malloc.status().reason,
+        "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "cpu_count": os.cpu_count(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }, indent=2)
+    if args.out:
+        atomic_write_text(args.out, report + "\n")
+    print(report)
     return 0
 
 
@@ -212,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--out", help="also write the JSON report to this file")
     p.set_defaults(func=_bench)
     return parser
 

@@ -7,6 +7,10 @@ Every row is one ``results.json`` written by ``metafn train`` / ``metafn eval`` 
 read from those files, never typed here: test accuracy (mean and 95% CI over the test episodes,
 fine-tuning rate chosen on validation episodes) of the meta-learned model and of each baseline,
 the meta-training time and the seconds per meta-iteration.
+
+Seconds per meta-iteration of every algorithm's config, also of those not trained to the end,
+come from ``metafn bench`` reports (:data:`BENCH`; each records the BLAS, thread and malloc
+settings it ran under) and are listed under ``"speed"``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,36 @@ ROWS: dict[str, tuple[str, str]] = {
     "fomaml_5way.json": ("fomaml", "metafn train --config configs/omniglot_fomaml.yaml --out runs/omniglot_fomaml"),
     "reptile_5way.json": ("reptile", "metafn train --config configs/omniglot_reptile.yaml --out runs/omniglot_reptile"),
 }
+
+
+#: algorithm -> the ``metafn bench`` command whose report is results/omniglot/bench_<algorithm>.json
+BENCH: dict[str, str] = {
+    name: (f"OPENBLAS_NUM_THREADS=1 metafn bench --config configs/omniglot_{name}.yaml --warmup 2 "
+           f"--repeats 10 --out results/omniglot/bench_{name}.json")
+    for name in ("protonet", "maml", "fomaml", "metasgd", "mamlpp", "reptile")
+}
+
+
+def collect_speed() -> list[dict]:
+    rows = []
+    for name, command in BENCH.items():
+        path = ROOT / "results" / "omniglot" / f"bench_{name}.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        rows.append({"algorithm": name, "seconds_per_meta_iteration": r["ms_per_meta_step_median"] / 1000,
+                     "min_seconds": r["ms_min"] / 1000, "max_seconds": r["ms_max"] / 1000,
+                     "repeats": r["repeats"], "openblas_num_threads": r["openblas_num_threads"],
+                     "malloc": r["malloc"], "measured_at": r["measured_at"],
+                     "file": f"results/omniglot/bench_{name}.json", "command": command})
+    return rows
+
+
+def speed_table(rows: list[dict]) -> str:
+    lines = ["| algorithm | s / meta-iteration (median) | min | max |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['algorithm']} | {r['seconds_per_meta_iteration']:.2f} | {r['min_seconds']:.2f} | "
+              f"{r['max_seconds']:.2f} |" for r in rows]
+    return "\n".join(lines)
 
 
 def _protocol(config: dict) -> dict:
@@ -100,8 +134,10 @@ def table(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    rows = collect()
+    rows, speed = collect(), collect_speed()
     out = ROOT / "bench" / "results" / "omniglot.json"
-    out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    out.write_text(json.dumps({"rows": rows, "speed": speed}, indent=1) + "\n")
     print(table(rows))
+    print()
+    print(speed_table(speed))
     print(f"\nwrote {out.relative_to(ROOT)} ({len(rows)} rows)", file=sys.stderr)

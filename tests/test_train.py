@@ -138,6 +138,21 @@ def test_cli_train_eval_writes_results(tmp_path):
     assert next(iter(ev["curves"].values()))["n_tasks"] == 10
 
 
+def test_cli_bench_reports_what_the_figure_depends_on(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(SMALL))
+    out = tmp_path / "bench.json"
+    res = run_cli("bench", "--config", str(cfg), "--warmup", "1", "--repeats", "3", "--out", str(out),
+                  "--set", "train.meta_batch_size=2")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(out.read_text())
+    assert report == json.loads(res.stdout)
+    assert report["algorithm"] == SMALL["algorithm"]["name"] and report["repeats"] == 3
+    assert report["overrides"] == ["train.meta_batch_size=2"]
+    assert 0 < report["ms_min"] <= report["ms_per_meta_step_median"] <= report["ms_max"]
+    assert {"blas", "malloc", "mlx", "device", "openblas_num_threads"} <= set(report)
+
+
 @pytest.mark.parametrize(
     "text, message",
     [
