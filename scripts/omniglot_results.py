@@ -31,7 +31,8 @@ ROWS: dict[str, tuple[str, str]] = {
                        "metafn eval --checkpoint runs/omniglot_maml/best.safetensors --set eval.pooled_steps=2000"),
     "metasgd_5way.json": ("metasgd", "metafn train --config configs/omniglot_metasgd.yaml --out runs/omniglot_metasgd"),
     "fomaml_5way.json": ("fomaml", "metafn train --config configs/omniglot_fomaml.yaml --out runs/omniglot_fomaml"),
-    "reptile_5way.json": ("reptile", "metafn train --config configs/omniglot_reptile.yaml --out runs/omniglot_reptile"),
+    "reptile_5way.json": ("reptile", "metafn train --config configs/omniglot_reptile.yaml --out runs/omniglot_reptile --no-eval; "
+                          "metafn eval --checkpoint runs/omniglot_reptile/best.safetensors --no-baselines"),
 }
 
 
