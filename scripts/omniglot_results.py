@@ -29,7 +29,8 @@ ROWS: dict[str, tuple[str, str]] = {
     "protonet_20way_within.json": ("protonet", "metafn eval --checkpoint runs/omniglot_protonet/best.safetensors --no-baselines --set eval.n_way=20 --set eval.n_tasks=600 --set eval.within_alphabet=true"),
     "maml_5way.json": ("maml", "metafn train --config configs/omniglot_maml.yaml --out runs/omniglot_maml --no-eval; "
                        "metafn eval --checkpoint runs/omniglot_maml/best.safetensors --set eval.pooled_steps=2000"),
-    "metasgd_5way.json": ("metasgd", "metafn train --config configs/omniglot_metasgd.yaml --out runs/omniglot_metasgd"),
+    "metasgd_5way.json": ("metasgd", "metafn train --config configs/omniglot_metasgd.yaml --out runs/omniglot_metasgd --no-eval; "
+                          "metafn eval --checkpoint runs/omniglot_metasgd/best.safetensors --no-baselines"),
     "fomaml_5way.json": ("fomaml", "metafn train --config configs/omniglot_fomaml.yaml --out runs/omniglot_fomaml"),
     "reptile_5way.json": ("reptile", "metafn train --config configs/omniglot_reptile.yaml --out runs/omniglot_reptile --no-eval; "
                           "metafn eval --checkpoint runs/omniglot_reptile/best.safetensors --no-baselines"),
