@@ -7,7 +7,7 @@ divided by the chain length: the per-operation cost once graph building, dispatc
 thread and the kernel are all counted, without the per-``eval`` round trip. Shapes are W1's: 25
 tasks, 10 examples, hidden width 40.
 
-- ``add``: ``x + y`` on ``(25, 10, 40)`` (10k floats; the kernel itself is well under 1 us);
+- ``add``: ``x + y`` on ``(25, 10, 40)`` (10k floats);
 - ``batched matmul``: ``(25, 10, 40) @ (25, 40, 40)``, what ``mx.vmap`` makes of a per-task dense
   layer once the weights differ per task (MLX's CPU backend calls ``cblas_sgemm`` per task);
 - ``single matmul``: the same rows as one ``(250, 40) @ (40, 40)`` GEMM (shared weights);
@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chain", type=int, default=100, help="dependent operations per mx.eval")
     ap.add_argument("--repeats", type=int, default=200, help="timed mx.eval calls per operation")
     args = ap.parse_args(argv)
+    for name in ("chain", "repeats"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name}: expected a positive integer, got {getattr(args, name)}")
 
     key = mx.random.key(0)
     ka, kb = mx.random.split(key)
