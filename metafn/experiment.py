@@ -29,7 +29,7 @@ from metafn.tree import PyTree
 
 __all__ = ["Experiment", "build_experiment", "task_losses", "init_meta", "meta_gradient",
            "model_params", "learned_inner_rates", "LEARNED_RATE_ALGORITHMS", "PooledTask",
-           "build_pooled_task", "pooled_update", "with_zero_head"]
+           "build_pooled_task", "pooled_update", "with_zero_head", "with_n_way_head"]
 
 LEARNED_RATE_ALGORITHMS = ("metasgd", "mamlpp")
 """Algorithms whose meta-parameters carry their own inner rates (used again at evaluation)."""
@@ -313,3 +313,29 @@ def with_zero_head(params: PyTree, n_way: int) -> PyTree:
     head = {"w": mx.zeros((w.shape[0], n_way), dtype=w.dtype),
             "b": mx.zeros((n_way,), dtype=params["head"]["b"].dtype)}
     return {**params, "head": head}
+
+
+def with_n_way_head(meta: PyTree, n_way: int) -> PyTree:
+    """Meta-parameters of any conv4 algorithm re-headed for ``n_way``-way episodes.
+
+    The initialization's head becomes a zero ``n_way``-way head (:func:`with_zero_head`), so a
+    model meta-trained on 5-way tasks can be fine-tuned and scored on 20-way ones (the "zero
+    trick" of Kao et al. 2022 for MAML's head). Learned inner rates follow the head:
+
+    - Meta-SGD (:class:`MetaSGDParams`): the head's per-parameter rates ``(D, C)`` and ``(C,)``
+      are replaced by their mean over the ``C`` trained classes, broadcast to ``(D, n_way)`` and
+      ``(n_way,)``. Class labels are a random permutation in every episode, so the ``C`` columns
+      are exchangeable and their mean is the class-symmetric rate;
+    - mamlpp (:class:`LSLRParams`): rates are per tensor, ``(S,)`` each, and are kept.
+    """
+    if isinstance(meta, MetaSGDParams):
+        lr_head = meta.lr["head"] if isinstance(meta.lr, dict) else None
+        if not isinstance(lr_head, dict) or "w" not in lr_head or "b" not in lr_head:
+            raise ValueError("meta: expected Meta-SGD rates with a conv4 head {'head': {'w', 'b'}}")
+        w, b = lr_head["w"], lr_head["b"]
+        head_lr = {"w": mx.broadcast_to(mx.mean(w, axis=-1, keepdims=True), (w.shape[0], n_way)),
+                   "b": mx.broadcast_to(mx.mean(b, keepdims=True), (n_way,))}
+        return MetaSGDParams(with_zero_head(meta.params, n_way), {**meta.lr, "head": head_lr})
+    if isinstance(meta, LSLRParams):
+        return LSLRParams(with_zero_head(meta.params, n_way), meta.lr)
+    return with_zero_head(meta, n_way)

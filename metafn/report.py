@@ -18,6 +18,10 @@ score after that many steps; Meta-SGD and mamlpp adapt with their learned rates 
 step ``k`` at step ``k``, its last learned step's rates beyond). Batch norm (conv4) always uses
 the statistics of the batch it is given: the support set while fine-tuning, the query set when
 scoring, for every method alike. Test figures are mean and 95% CI.
+
+A conv4 algorithm evaluated at another number of ways than it was meta-trained on (``eval.n_way``)
+starts from its body with a zero N-way head (:func:`metafn.experiment.with_n_way_head`), as the
+pooled baseline does; ``results["head"]`` says so.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from metafn.config import Config, config_to_dict
 from metafn.evaluate import curve_over_tasks, select_lr, summarize_curve
 from metafn.experiment import (
     LEARNED_RATE_ALGORITHMS, Experiment, build_experiment, build_pooled_task, init_meta,
-    pooled_update, with_zero_head,
+    pooled_update, with_n_way_head, with_zero_head,
 )
 from metafn.random import fold_in, key as make_key
 from metafn.train import TrainState, TrainingDiverged, make_optimizer, train
@@ -248,11 +252,18 @@ def run_evaluation(
     algo = config.algorithm.name
     kind = algo if algo in ("protonet", *LEARNED_RATE_ALGORITHMS) else "adapt"
     same_way = eval_config.task.n_way == config.task.n_way
+    head_note = None
     if not same_way and kind != "protonet":
-        raise ValueError(
-            f"eval.n_way: {algo} has a {config.task.n_way}-way head; only protonet can be "
-            f"evaluated at another number of ways ({eval_config.task.n_way})"
-        )
+        if config.task.family != "omniglot":
+            raise ValueError(
+                f"eval.n_way: {algo} on {config.task.family} has a {config.task.n_way}-way head; "
+                f"only protonet, or conv4 on omniglot (re-headed), can be evaluated at another "
+                f"number of ways ({eval_config.task.n_way})"
+            )
+        meta = with_n_way_head(meta, eval_config.task.n_way)
+        head_note = (f"meta-trained {config.task.n_way}-way head replaced by a zero "
+                     f"{eval_config.task.n_way}-way head (learned head rates: their class mean)")
+        log(f"evaluating {algo} at {eval_config.task.n_way} ways: {head_note}")
     methods: dict[str, tuple[PyTree, str]] = {algo: (meta, kind)}
     pooled_summary: dict[str, Any] | None = None
     if config.eval.baselines:
@@ -278,6 +289,7 @@ def run_evaluation(
             f"95% CI (1.96 sd / sqrt(n))"
         ),
         "train": train_summary,
+        "head": head_note,
         "pooled_train": pooled_summary,
         "methods": evaluate_methods(exp, eval_config, methods, log),
     }

@@ -92,14 +92,65 @@ def test_omniglot_train_and_evaluate(shared_data, tmp_path, algorithm):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["name"] == cfg.name
 
 
-def test_protonet_can_be_tested_at_more_ways_but_maml_cannot(shared_data, tmp_path):
+def test_protonet_and_reheaded_maml_can_be_tested_at_more_ways(shared_data, tmp_path):
     cfg = omniglot_config(shared_data, tmp_path, "protonet", n_way=20, within_alphabet=True)
     meta = build_experiment(cfg).init_params(mx.random.key(0))
     res = run_evaluation(cfg, tmp_path / "p", meta, progress=False, log=lambda s: None)
     assert res["methods"]["protonet"]["budgets"][0]["accuracy_mean"] >= 0.0
+    assert res["head"] is None
+    # MAML meta-trained 5-way, tested 20-way: its body with a zero 20-way head, so before
+    # fine-tuning every logit is equal (loss log 20, first-index prediction right 1 time in 20).
     cfg = omniglot_config(shared_data, tmp_path, "maml", n_way=20)
+    meta = build_experiment(omniglot_config(shared_data, tmp_path, "maml")).init_params(mx.random.key(0))
+    logs = []
+    res = run_evaluation(cfg, tmp_path / "m", meta, progress=False, log=logs.append)
+    assert "zero 20-way head" in res["head"] and any("zero 20-way head" in line for line in logs)
+    (curve,) = res["methods"]["maml"]["curves"].values()
+    assert curve["loss_mean"][0] == pytest.approx(math.log(20), rel=1e-5)
+    assert curve["accuracy_mean"][0] == pytest.approx(1 / 20)
+    assert curve["loss_mean"][1] < curve["loss_mean"][0]  # one fine-tuning step learns a head
+
+
+def test_other_ways_need_protonet_or_conv4():
+    from metafn.experiment import build_experiment as build
+
+    cfg = config_from_dict({"task": {"family": "xor", "n_way": 2}, "algorithm": {"name": "maml"},
+                            "eval": {"n_way": 3, "n_tasks": 2, "select_tasks": 2}})
+    meta = build(cfg).init_params(mx.random.key(0))
     with pytest.raises(ValueError, match="eval.n_way"):
-        run_evaluation(cfg, tmp_path / "m", meta, progress=False, log=lambda s: None)
+        run_evaluation(cfg, "/nonexistent", meta, progress=False, log=lambda s: None)
+
+
+def test_n_way_head_for_every_meta_parameter_kind(tiny_omniglot, tmp_path):
+    from metafn.experiment import with_n_way_head
+    from metafn.outer import MetaSGDParams
+
+    for algorithm in ("maml", "metasgd", "mamlpp"):
+        cfg = tiny_config(tiny_omniglot, tmp_path, algorithm)
+        meta = init_meta(build_experiment(cfg), cfg.algorithm, mx.random.key(0))
+        if isinstance(meta, MetaSGDParams):  # distinct rates per head column
+            rng = np.random.default_rng(1)
+            meta = meta._replace(lr=tree_map(lambda a: mx.array(rng.uniform(0.1, 0.5, a.shape),
+                                                                dtype=a.dtype), meta.lr))
+        new = with_n_way_head(meta, 7)
+        params, old = (new, meta) if algorithm == "maml" else (new.params, meta.params)
+        assert params["head"]["w"].shape == (4, 7) and float(mx.abs(params["head"]["w"]).max()) == 0
+        assert_trees_close(params["blocks"], old["blocks"], 0, 0)
+        if algorithm == "metasgd":
+            w, b = meta.lr["head"]["w"], meta.lr["head"]["b"]
+            assert new.lr["head"]["w"].shape == (4, 7) and new.lr["head"]["b"].shape == (7,)
+            np.testing.assert_allclose(np.array(new.lr["head"]["w"]),
+                                       np.repeat(np.array(w).mean(-1, keepdims=True), 7, -1), rtol=1e-6)
+            np.testing.assert_allclose(np.array(new.lr["head"]["b"]), np.full(7, np.array(b).mean()), rtol=1e-6)
+            assert_trees_close(new.lr["blocks"], meta.lr["blocks"], 0, 0)
+        if algorithm == "mamlpp":
+            assert_trees_close(new.lr, meta.lr, 0, 0)
+    # Meta-SGD meta-trained 3-way and tested 4-way: the evaluation runs from the zero head.
+    cfg = tiny_config(tiny_omniglot, tmp_path, "metasgd", n_way=4)
+    meta = init_meta(build_experiment(cfg), cfg.algorithm, mx.random.key(0))
+    res = run_evaluation(cfg, tmp_path / "sgd", meta, progress=False, log=lambda s: None)
+    (curve,) = res["methods"]["metasgd"]["curves"].values()
+    assert curve["accuracy_mean"][0] == pytest.approx(1 / 4)
 
 
 # ----------------------------------------------------------------------------- pooled baseline
