@@ -28,13 +28,26 @@ ROWS: dict[str, tuple[str, str]] = {
     "protonet_20way.json": ("protonet", "metafn eval --checkpoint runs/omniglot_protonet/best.safetensors --no-baselines --set eval.n_way=20 --set eval.n_tasks=600"),
     "protonet_20way_within.json": ("protonet", "metafn eval --checkpoint runs/omniglot_protonet/best.safetensors --no-baselines --set eval.n_way=20 --set eval.n_tasks=600 --set eval.within_alphabet=true"),
     "maml_5way.json": ("maml", "metafn train --config configs/omniglot_maml.yaml --out runs/omniglot_maml --no-eval; "
-                       "metafn eval --checkpoint runs/omniglot_maml/best.safetensors --set eval.pooled_steps=2000"),
+                       "metafn eval --checkpoint runs/omniglot_maml/best.safetensors --no-baselines"),
+    "maml_noaug_5way.json": ("maml", "metafn train --config configs/omniglot_maml.yaml --out runs/omniglot_maml_noaug "
+                             "--no-eval --set task.augment_rotation=0 --set task.augment_shift=0 "
+                             "--set task.augment_scale=0 --set train.steps=4500 (stopped at step 3000); "
+                             "metafn eval --checkpoint runs/omniglot_maml_noaug/best.safetensors --set eval.pooled_steps=2000"),
     "metasgd_5way.json": ("metasgd", "metafn train --config configs/omniglot_metasgd.yaml --out runs/omniglot_metasgd --no-eval; "
                           "metafn eval --checkpoint runs/omniglot_metasgd/best.safetensors --no-baselines"),
+    **{f"{algo}_20way{suffix}.json": (
+        algo, f"metafn eval --checkpoint runs/omniglot_{algo}/best.safetensors --no-baselines --set eval.n_way=20 "
+              f"--set eval.n_tasks=600{extra}{flag} (the 5-way meta-trained body with a zero 20-way head)")
+       for algo, extra in (("maml", " --set eval.n_query=5"), ("metasgd", ""),
+                           ("reptile", " --set eval.n_query=5 --set eval.budgets=[10]"))
+       for suffix, flag in (("", ""), ("_within", " --set eval.within_alphabet=true"))},
     "fomaml_5way.json": ("fomaml", "metafn train --config configs/omniglot_fomaml.yaml --out runs/omniglot_fomaml"),
     "reptile_5way.json": ("reptile", "metafn train --config configs/omniglot_reptile.yaml --out runs/omniglot_reptile --no-eval; "
                           "metafn eval --checkpoint runs/omniglot_reptile/best.safetensors --no-baselines"),
 }
+
+#: results file -> the table's label for rows that are not an algorithm's headline row
+LABELS: dict[str, str] = {"maml_noaug_5way.json": "maml, no augmentation"}
 
 
 #: algorithm -> the ``metafn bench`` command whose report is results/omniglot/bench_<algorithm>.json
@@ -100,7 +113,9 @@ def collect() -> list[dict]:
         rows.append({
             "file": f"results/omniglot/{name}",
             "algorithm": algorithm,
+            "label": LABELS.get(name, algorithm),
             "protocol": {**_protocol(r["config"]), "test_episodes": n_tasks},
+            "head": r.get("head"),
             "accuracy": _method_summary(methods[algorithm]),
             "baselines": {k: _method_summary(v) for k, v in methods.items() if k != algorithm},
             "pooled_train": r.get("pooled_train"),
@@ -125,11 +140,12 @@ def table(rows: list[dict]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         p = row["protocol"]
-        proto = f"{p['n_way']}-way {p['k_shot']}-shot{' within-alphabet' if p['within_alphabet'] else ''}"
+        proto = (f"{p['n_way']}-way {p['k_shot']}-shot{' within-alphabet' if p['within_alphabet'] else ''}"
+                 f"{' (zero head)' if row['head'] else ''}")
         base = row["baselines"]
         minutes = f"{row['train_minutes']:.0f}" if row["train_minutes"] else "(same model)"
         spi = f"{row['seconds_per_meta_iteration']:.2f}" if row["seconds_per_meta_iteration"] else ""
-        lines.append(f"| {row['algorithm']} | {proto} | {_cell(row['accuracy'])} | "
+        lines.append(f"| {row['label']} | {proto} | {_cell(row['accuracy'])} | "
                      f"{_cell(base['random_init']) if 'random_init' in base else 'not run'} | "
                      f"{_cell(base['pooled']) if 'pooled' in base else 'not run'} | {minutes} | {spi} |")
     return "\n".join(lines)
