@@ -262,7 +262,8 @@ def run_evaluation(
             )
         meta = with_n_way_head(meta, eval_config.task.n_way)
         head_note = (f"meta-trained {config.task.n_way}-way head replaced by a zero "
-                     f"{eval_config.task.n_way}-way head (learned head rates: their class mean)")
+                     f"{eval_config.task.n_way}-way head"
+                     + (" (learned head rates: their class mean)" if algo == "metasgd" else ""))
         log(f"evaluating {algo} at {eval_config.task.n_way} ways: {head_note}")
     methods: dict[str, tuple[PyTree, str]] = {algo: (meta, kind)}
     pooled_summary: dict[str, Any] | None = None

@@ -112,11 +112,9 @@ def test_protonet_and_reheaded_maml_can_be_tested_at_more_ways(shared_data, tmp_
 
 
 def test_other_ways_need_protonet_or_conv4():
-    from metafn.experiment import build_experiment as build
-
     cfg = config_from_dict({"task": {"family": "xor", "n_way": 2}, "algorithm": {"name": "maml"},
                             "eval": {"n_way": 3, "n_tasks": 2, "select_tasks": 2}})
-    meta = build(cfg).init_params(mx.random.key(0))
+    meta = build_experiment(cfg).init_params(mx.random.key(0))
     with pytest.raises(ValueError, match="eval.n_way"):
         run_evaluation(cfg, "/nonexistent", meta, progress=False, log=lambda s: None)
 
@@ -149,6 +147,7 @@ def test_n_way_head_for_every_meta_parameter_kind(tiny_omniglot, tmp_path):
     cfg = tiny_config(tiny_omniglot, tmp_path, "metasgd", n_way=4)
     meta = init_meta(build_experiment(cfg), cfg.algorithm, mx.random.key(0))
     res = run_evaluation(cfg, tmp_path / "sgd", meta, progress=False, log=lambda s: None)
+    assert res["head"].endswith("(learned head rates: their class mean)")
     (curve,) = res["methods"]["metasgd"]["curves"].values()
     assert curve["accuracy_mean"][0] == pytest.approx(1 / 4)
 
