@@ -35,15 +35,15 @@ ROWS: dict[str, tuple[str, str]] = {
                              "metafn eval --checkpoint runs/omniglot_maml_noaug/best.safetensors --set eval.pooled_steps=2000"),
     "metasgd_5way.json": ("metasgd", "metafn train --config configs/omniglot_metasgd.yaml --out runs/omniglot_metasgd --no-eval; "
                           "metafn eval --checkpoint runs/omniglot_metasgd/best.safetensors --no-baselines"),
+    "fomaml_5way.json": ("fomaml", "metafn train --config configs/omniglot_fomaml.yaml --out runs/omniglot_fomaml"),
+    "reptile_5way.json": ("reptile", "metafn train --config configs/omniglot_reptile.yaml --out runs/omniglot_reptile --no-eval; "
+                          "metafn eval --checkpoint runs/omniglot_reptile/best.safetensors --no-baselines"),
     **{f"{algo}_20way{suffix}.json": (
         algo, f"metafn eval --checkpoint runs/omniglot_{algo}/best.safetensors --no-baselines --set eval.n_way=20 "
               f"--set eval.n_tasks=600{extra}{flag} (the 5-way meta-trained body with a zero 20-way head)")
        for algo, extra in (("maml", " --set eval.n_query=5"), ("metasgd", ""),
                            ("reptile", " --set eval.n_query=5 --set eval.budgets=[10]"))
        for suffix, flag in (("", ""), ("_within", " --set eval.within_alphabet=true"))},
-    "fomaml_5way.json": ("fomaml", "metafn train --config configs/omniglot_fomaml.yaml --out runs/omniglot_fomaml"),
-    "reptile_5way.json": ("reptile", "metafn train --config configs/omniglot_reptile.yaml --out runs/omniglot_reptile --no-eval; "
-                          "metafn eval --checkpoint runs/omniglot_reptile/best.safetensors --no-baselines"),
 }
 
 #: results file -> the table's label for rows that are not an algorithm's headline row
