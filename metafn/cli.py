@@ -147,7 +147,10 @@ def _eval(args: argparse.Namespace) -> int:
         summary = {"step": info.get("step"), "best": info.get("best"),
                    "train_seconds": info.get("train_seconds"),
                    "train_cpu_seconds": info.get("train_cpu_seconds"),
-                   "seconds_per_step": (info.get("train_seconds") or 0.0) / max(info.get("step") or 1, 1)}
+                   "seconds_per_step": (info.get("train_seconds") or 0.0) / max(info.get("step") or 1, 1),
+                   # when the evaluated checkpoint (e.g. best.safetensors) was reached in that run
+                   "checkpoint": {"file": ckpt.name, "step": meta_json.get("step"),
+                                  "train_seconds": meta_json.get("train_seconds")}}
     run_evaluation(config, out, meta, summary, progress=not args.no_progress)
     print(f"results: {out / 'results.json'}")
     return 0

@@ -134,8 +134,17 @@ def test_cli_train_eval_writes_results(tmp_path):
     res = run_cli("eval", "--checkpoint", str(out / "best.safetensors"), "--out", str(tmp_path / "ev"),
                   "--n-tasks", "10", "--no-progress")
     assert res.returncode == 0, res.stderr
-    ev = json.loads((tmp_path / "ev" / "results.json").read_text())["methods"]["maml"]
+    ev_results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    ev = ev_results["methods"]["maml"]
     assert next(iter(ev["curves"].values()))["n_tasks"] == 10
+    # The training summary is the whole run's (last checkpoint); the evaluated checkpoint's own
+    # step and training time are recorded beside it.
+    best = json.loads((out / "best.json").read_text())
+    train = ev_results["train"]
+    assert train["step"] == SMALL["train"]["steps"]
+    assert train["checkpoint"] == {"file": "best.safetensors", "step": best["step"],
+                                   "train_seconds": best["train_seconds"]}
+    assert 0 < train["checkpoint"]["train_seconds"] <= train["train_seconds"]
 
 
 def test_cli_bench_reports_what_the_figure_depends_on(tmp_path):
