@@ -332,10 +332,11 @@ def with_n_way_head(meta: PyTree, n_way: int) -> PyTree:
         lr_head = meta.lr["head"] if isinstance(meta.lr, dict) else None
         if not isinstance(lr_head, dict) or "w" not in lr_head or "b" not in lr_head:
             raise ValueError("meta: expected Meta-SGD rates with a conv4 head {'head': {'w', 'b'}}")
+        params = with_zero_head(meta.params, n_way)  # checks n_way before it shapes the rates
         w, b = lr_head["w"], lr_head["b"]
         head_lr = {"w": mx.broadcast_to(mx.mean(w, axis=-1, keepdims=True), (w.shape[0], n_way)),
                    "b": mx.broadcast_to(mx.mean(b, keepdims=True), (n_way,))}
-        return MetaSGDParams(with_zero_head(meta.params, n_way), {**meta.lr, "head": head_lr})
+        return MetaSGDParams(params, {**meta.lr, "head": head_lr})
     if isinstance(meta, LSLRParams):
         return LSLRParams(with_zero_head(meta.params, n_way), meta.lr)
     return with_zero_head(meta, n_way)

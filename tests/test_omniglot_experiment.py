@@ -143,6 +143,11 @@ def test_n_way_head_for_every_meta_parameter_kind(tiny_omniglot, tmp_path):
             assert_trees_close(new.lr["blocks"], meta.lr["blocks"], 0, 0)
         if algorithm == "mamlpp":
             assert_trees_close(new.lr, meta.lr, 0, 0)
+    for bad in (0, -3, True):  # a named error for every kind, before any rate is shaped
+        for algorithm in ("maml", "metasgd", "mamlpp"):
+            cfg = tiny_config(tiny_omniglot, tmp_path, algorithm)
+            with pytest.raises(ValueError, match="n_way: expected an int >= 1"):
+                with_n_way_head(init_meta(build_experiment(cfg), cfg.algorithm, mx.random.key(0)), bad)
     # Meta-SGD meta-trained 3-way and tested 4-way: the evaluation runs from the zero head.
     cfg = tiny_config(tiny_omniglot, tmp_path, "metasgd", n_way=4)
     meta = init_meta(build_experiment(cfg), cfg.algorithm, mx.random.key(0))
