@@ -111,6 +111,10 @@ class AlgorithmConfig:
     initialization (:func:`metafn.outer.lslr_outer`); it needs ``inner_steps >= 1``. Combine it
     with ``multi_step_loss`` for MAML++'s multi-step loss. ``first_order`` (mamlpp only) drops
     the second-order term as FOMAML does (``name: fomaml`` is first-order plain MAML).
+
+    ``inner_batches`` (reptile only): deal each task's support + query examples into this many
+    interleaved minibatches, one per inner step in turn (:func:`metafn.outer.reptile_grad`);
+    1 is full-batch.
     """
 
     name: str = "maml"
@@ -119,6 +123,7 @@ class AlgorithmConfig:
     multi_step_loss: bool = False
     step_weights: tuple[float, ...] | None = None
     first_order: bool = False
+    inner_batches: int = 1
 
     def __post_init__(self) -> None:
         _require(self.name in ALGORITHMS, "algorithm.name", f"one of {list(ALGORITHMS)}", self.name)
@@ -131,6 +136,9 @@ class AlgorithmConfig:
         _require(not self.first_order or self.name == "mamlpp", "algorithm.first_order",
                  f"false for {self.name} (only mamlpp reads it; name: fomaml is first-order MAML)",
                  self.first_order)
+        _require(self.inner_batches >= 1, "algorithm.inner_batches", "an int >= 1", self.inner_batches)
+        _require(self.inner_batches == 1 or self.name == "reptile", "algorithm.inner_batches",
+                 f"1 for {self.name} (only reptile reads it)", self.inner_batches)
         if self.step_weights is not None:
             _require(len(self.step_weights) == self.inner_steps and all(w >= 0 for w in self.step_weights)
                      and sum(self.step_weights) > 0, "algorithm.step_weights",

@@ -205,7 +205,8 @@ def meta_gradient(
     if name == "fomaml":
         return lambda meta, eps: maml_outer(losses, meta, eps, lr, steps, True, weights)
     if name == "reptile":
-        return lambda meta, eps: reptile_grad(losses, meta, eps, lr, steps)
+        batches = algorithm.inner_batches
+        return lambda meta, eps: reptile_grad(losses, meta, eps, lr, steps, batches)
     if name == "metasgd":
         return lambda meta, eps: metasgd_outer(losses, meta, eps, steps)
     if name == "mamlpp":

@@ -264,6 +264,10 @@ def test_mamlpp_config_errors_name_the_key():
         config_from_dict({"algorithm": {"name": "mamlpp", "inner_steps": 0}})
     with pytest.raises(ConfigError, match="algorithm.first_order"):
         config_from_dict({"algorithm": {"name": "maml", "first_order": True}})
+    with pytest.raises(ConfigError, match=r"algorithm.inner_batches.*1 for maml \(only reptile"):
+        config_from_dict({"algorithm": {"name": "maml", "inner_batches": 5}})
+    with pytest.raises(ConfigError, match="algorithm.inner_batches.*an int >= 1"):
+        config_from_dict({"algorithm": {"name": "reptile", "inner_batches": 0}})
 
 
 def test_lslr_evaluation_uses_each_steps_rates_then_the_last(tiny_omniglot, tmp_path):

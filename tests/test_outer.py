@@ -161,6 +161,37 @@ def test_reptile_grad_is_theta_minus_mean_adapted():
         reptile_outer(params, tree_broadcast(params, 1), float("nan"))
 
 
+@given(seed=st.integers(0, 10_000), batches=st.integers(1, 4), steps=st.integers(1, 5))
+def test_reptile_grad_minibatches_are_interleaved_and_cycled(seed, batches, steps):
+    """Inner step s trains on z[s mod B :: B] of z = concat(support, query); the loss is that
+    last step's minibatch loss before the step, averaged over tasks."""
+    params = small_mlp(seed)
+    eps = random_episodes(seed + 1, tasks=2)
+    loss, direction = reptile_grad(MSE_MLP, params, eps, 0.05, steps, inner_batches=batches)
+    adapted, last = [], []
+    for t in range(2):
+        x = mx.concatenate([eps.support_x[t], eps.query_x[t]])
+        y = mx.concatenate([eps.support_y[t], eps.query_y[t]])
+        p = params
+        for s in range(steps):
+            xb, yb = x[s % batches::batches], y[s % batches::batches]
+            if s == steps - 1:
+                last.append(MSE_MLP(p, xb, yb).item())
+            p = adapt(MSE_MLP, p, xb, yb, 1, 0.05)
+        adapted.append(p)
+    assert_trees_close(direction, tree_sub(params, tree_mean_axis0(tree_stack(adapted))), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(loss.item(), np.mean(last), rtol=1e-5)
+
+
+def test_reptile_grad_rejects_bad_inner_batches():
+    params = small_mlp(3)
+    eps = random_episodes(4, tasks=2)
+    n = eps.support_x.shape[1] + eps.query_x.shape[1]
+    for bad in (0, n + 1, True):
+        with pytest.raises(ValueError, match=rf"inner_batches: expected an int in 1\.\.{n}"):
+            reptile_grad(MSE_MLP, params, eps, 0.05, 2, inner_batches=bad)
+
+
 @given(seed=st.integers(0, 10_000), lr=st.floats(0.001, 0.2))
 def test_metasgd_with_constant_rates_equals_maml(seed, lr):
     params = small_mlp(seed)
