@@ -73,6 +73,16 @@ def adapt(params, x, y, steps, lr, first_order):
     return params
 
 
+def reptile_adapt(params, x, y, steps, lr):
+    """Reptile's full-batch inner loop: the adapted weights and the last step's loss before its
+    update (``metafn.outer.reptile_grad`` with ``inner_batches=1``)."""
+    loss = mse_loss(params, x, y)
+    for _ in range(steps):
+        loss, g = jax.value_and_grad(mse_loss)(params, x, y)
+        params = [p - lr * d for p, d in zip(params, g)]
+    return params, loss
+
+
 def _block(out) -> None:
     jax.block_until_ready(out)
 
@@ -114,8 +124,8 @@ def _mlp_reptile(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
     def outer(p, sx, sy, qx, qy):
         x = jnp.concatenate([sx, qx], axis=1)
         y = jnp.concatenate([sy, qy], axis=1)
-        adapted = jax.vmap(lambda xx, yy: adapt(p, xx, yy, w.steps, w.inner_lr, True))(x, y)
-        loss = jnp.mean(jax.vmap(mse_loss)(adapted, qx, qy))
+        adapted, losses = jax.vmap(lambda xx, yy: reptile_adapt(p, xx, yy, w.steps, w.inner_lr))(x, y)
+        loss = jnp.mean(losses)
         g = [a - jnp.mean(t, axis=0) for a, t in zip(p, adapted)]
         new = [a - w.outer_lr * d for a, d in zip(p, g)]
         return loss, g, new

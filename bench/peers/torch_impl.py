@@ -72,6 +72,16 @@ def adapt(params, x, y, steps, lr, first_order):
     return params
 
 
+def reptile_adapt(params, x, y, steps, lr):
+    """Reptile's full-batch inner loop: the adapted weights and the last step's loss before its
+    update (``metafn.outer.reptile_grad`` with ``inner_batches=1``)."""
+    loss = mse_loss(params, x, y)
+    for _ in range(steps):
+        g, loss = grad_and_value(mse_loss)(params, x, y)
+        params = tuple(p - lr * d.detach() for p, d in zip(params, g))
+    return params, loss
+
+
 def _block(out) -> None:
     pass
 
@@ -107,8 +117,8 @@ def _mlp_reptile(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
     def outer(p, sx, sy, qx, qy):
         x = torch.cat([sx, qx], dim=1)
         y = torch.cat([sy, qy], dim=1)
-        adapted = vmap(lambda xx, yy: adapt(p, xx, yy, w.steps, w.inner_lr, True))(x, y)
-        loss = torch.mean(vmap(mse_loss)(adapted, qx, qy))
+        adapted, losses = vmap(lambda xx, yy: reptile_adapt(p, xx, yy, w.steps, w.inner_lr))(x, y)
+        loss = torch.mean(losses)
         g = tuple(a - torch.mean(t, dim=0) for a, t in zip(p, adapted))
         new = tuple(a - w.outer_lr * d for a, d in zip(p, g))
         return g, loss, new  # (grads, loss) order as grad_and_value
