@@ -189,6 +189,10 @@ class EvalConfig:
     under global labels, ``pooled_batch_size`` images a step (default: as many images as a
     meta-training step sees, ``train.meta_batch_size * n_way * (k_shot + n_query)``); the toy
     families train on meta-batches of episodes and take no batch size.
+
+    ``full_curves``: score the test query sets after every fine-tuning step ``0..steps`` (the
+    ``curves`` of the results); by default only after step 0 and each budget, the figures the
+    results report (the rate search on validation tasks scores only the budgets either way).
     """
 
     n_tasks: int = 1000
@@ -204,6 +208,7 @@ class EvalConfig:
     k_shot: int | None = None
     n_query: int | None = None
     within_alphabet: bool | None = None
+    full_curves: bool = False
 
     def __post_init__(self) -> None:
         _require(self.n_tasks >= 1, "eval.n_tasks", "an int >= 1", self.n_tasks)

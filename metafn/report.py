@@ -89,12 +89,15 @@ def evaluate_methods(
     ``protonet`` (nearest prototypes).
 
     Per method: ``budgets``, one entry per adaptation budget with the rate chosen on validation
-    tasks and the test mean and 95% CI after that many steps; ``curves``, the whole test
-    curve (0..eval.steps) at each chosen rate.
+    tasks and the test mean and 95% CI after that many steps; ``curves``, the test curve
+    (0..eval.steps) at each chosen rate, scored after step 0 and the budgets (every step with
+    ``eval.full_curves``).
     """
     ev = config.eval
     run_key = make_key(config.seed)
     budgets = ev.budgets or (ev.steps,)
+    select_at = frozenset(budgets)
+    test_at = None if ev.full_curves else frozenset({0, *budgets})
     metric = "accuracy" if exp.classification else "loss"
     results: dict[str, Any] = {}
     for name, (meta, kind) in methods.items():
@@ -109,7 +112,7 @@ def evaluate_methods(
             candidates = tuple(sorted(set(ev.finetune_lrs) | {config.algorithm.inner_lr}))
             val_curves = {
                 lr: curve_over_tasks(exp, meta, fold_in(run_key, SELECT_STREAM), "val",
-                                     ev.select_tasks, ev.steps, lr, ev.chunk)
+                                     ev.select_tasks, ev.steps, lr, ev.chunk, score_at=select_at)
                 for lr in candidates
             }
             chosen = {b: select_lr(val_curves, b, exp.classification) for b in budgets}
@@ -119,9 +122,10 @@ def evaluate_methods(
         entries = []
         for budget, (lr, table) in chosen.items():
             if repr(lr) not in curves:
+                score_at = None if test_at is None or scorer == "protonet" else test_at
                 loss, acc = curve_over_tasks(exp, meta, fold_in(run_key, TEST_STREAM), "test",
-                                             ev.n_tasks, steps, lr, ev.chunk, scorer)
-                curves[repr(lr)] = summarize_curve(loss, acc)
+                                             ev.n_tasks, steps, lr, ev.chunk, scorer, score_at)
+                curves[repr(lr)] = summarize_curve(loss, acc, score_at)
             curve = curves[repr(lr)]
             entries.append({
                 "steps": budget, "finetune_lr": lr, "val_scores": table,

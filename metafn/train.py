@@ -103,12 +103,12 @@ def validation_score(exp: Experiment, config: Config, meta: PyTree, run_key: mx.
     scorer = "protonet" if algo.name == "protonet" else "adapt"
     lr = None if algo.name in LEARNED_RATE_ALGORITHMS else algo.inner_lr
     steps = max(algo.inner_steps, 1)
+    weights = step_loss_weights(algo)
     loss, acc = curve_over_tasks(
         exp, meta, fold_in(run_key, EVAL_STREAM), "val", config.train.val_tasks, steps, lr,
-        config.eval.chunk, scorer,
+        config.eval.chunk, scorer, None if weights is not None or scorer == "protonet" else frozenset({steps}),
     )
     out = {"val_loss": float(loss[-1].mean())}
-    weights = step_loss_weights(algo)
     if weights is not None:
         per_step = [float(loss[s].mean()) for s in range(1, steps + 1)]
         out = {"val_loss": sum(w * v for w, v in zip(weights, per_step)) / sum(weights),

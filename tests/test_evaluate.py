@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from metafn.config import config_from_dict
-from metafn.evaluate import adaptation_curve, curve_over_tasks, mean_ci, select_lr
+from metafn.evaluate import adaptation_curve, curve_over_tasks, mean_ci, select_lr, summarize_curve
 from metafn.experiment import build_experiment
 from metafn.random import key
 from metafn.losses import mse_loss
@@ -49,6 +49,28 @@ def test_adaptation_curve_equals_query_loss_after_k_sgd_steps():
     for k in (1, 5):
         adapted = metafn.inner.adapt(MSE, params, eps.support_x[3], eps.support_y[3], k, 0.01)
         np.testing.assert_allclose(loss[k, 3], MSE(adapted, eps.query_x[3], eps.query_y[3]).item(), rtol=1e-4)
+
+
+def test_scoring_only_some_steps_leaves_the_scored_rows_unchanged():
+    cfg = config_from_dict({"task": {"family": "xor", "n_way": 2}, "model": {"hidden": [8]}})
+    exp = build_experiment(cfg)
+    params = exp.init_params(key(0))
+    eps = exp.sample(key(1), "test", 6)
+    full_loss, full_acc = adaptation_curve(exp, params, eps, 5, 0.1)
+    loss, acc = adaptation_curve(exp, params, eps, 5, 0.1, frozenset({0, 2}))
+    assert loss.shape == full_loss.shape == (6, 6) and acc.shape == (6, 6)
+    for k in (0, 2):
+        np.testing.assert_array_equal(loss[k], full_loss[k])
+        np.testing.assert_array_equal(acc[k], full_acc[k])
+    assert np.isnan(loss[[1, 3, 4, 5]]).all() and np.isnan(acc[[1, 3, 4, 5]]).all()
+    summary = summarize_curve(loss, acc, frozenset({0, 2}))
+    assert summary["scored_steps"] == [0, 2]
+    assert summary["accuracy_mean"][2] == pytest.approx(float(full_acc[2].mean()))
+    assert summary["loss_mean"][1] is None and summary["accuracy_ci95"][5] is None
+    assert summarize_curve(full_loss, full_acc)["scored_steps"] == list(range(6))
+    for bad in (frozenset(), frozenset({6}), frozenset({-1, 2})):
+        with pytest.raises(ValueError, match="score_at: expected None or a non-empty set of steps in 0..5"):
+            adaptation_curve(exp, params, eps, 5, 0.1, bad)
 
 
 def test_same_key_same_tasks_for_every_method():
