@@ -35,19 +35,29 @@ ROWS: dict[str, tuple[str, str]] = {
                              "metafn eval --checkpoint runs/omniglot_maml_noaug/best.safetensors --set eval.pooled_steps=2000"),
     "metasgd_5way.json": ("metasgd", "metafn train --config configs/omniglot_metasgd.yaml --out runs/omniglot_metasgd --no-eval; "
                           "metafn eval --checkpoint runs/omniglot_metasgd/best.safetensors --no-baselines"),
-    "fomaml_5way.json": ("fomaml", "metafn train --config configs/omniglot_fomaml.yaml --out runs/omniglot_fomaml"),
+    "fomaml_5way.json": ("fomaml", "metafn train --config configs/omniglot_fomaml.yaml --out runs/omniglot_fomaml --no-eval; "
+                         "metafn eval --checkpoint runs/omniglot_fomaml/best.safetensors --no-baselines"),
+    "mamlpp_5way.json": ("mamlpp", "metafn train --config configs/omniglot_mamlpp.yaml --out runs/omniglot_mamlpp --no-eval; "
+                         "metafn eval --checkpoint runs/omniglot_mamlpp/best.safetensors --no-baselines"),
     "reptile_5way.json": ("reptile", "metafn train --config configs/omniglot_reptile.yaml --out runs/omniglot_reptile --no-eval; "
                           "metafn eval --checkpoint runs/omniglot_reptile/best.safetensors --no-baselines"),
+    "reptile_fullbatch_5way.json": ("reptile", "metafn train --config configs/omniglot_reptile.yaml --out "
+                                    "runs/omniglot_reptile_fullbatch --no-eval --set algorithm.inner_batches=1 "
+                                    "--set task.n_query=1 --set train.steps=3000; metafn eval --checkpoint "
+                                    "runs/omniglot_reptile_fullbatch/best.safetensors --no-baselines --set eval.steps=10 "
+                                    "--set eval.budgets=[1,5,10]"),
     **{f"{algo}_20way{suffix}.json": (
         algo, f"metafn eval --checkpoint runs/omniglot_{algo}/best.safetensors --no-baselines --set eval.n_way=20 "
               f"--set eval.n_tasks=600{extra}{flag} (the 5-way meta-trained body with a zero 20-way head)")
        for algo, extra in (("maml", " --set eval.n_query=5"), ("metasgd", ""),
-                           ("reptile", " --set eval.n_query=5 --set eval.budgets=[10]"))
+                           ("fomaml", " --set eval.n_query=5"), ("mamlpp", " --set eval.n_query=5"),
+                           ("reptile", " --set eval.n_query=5 --set eval.steps=10 --set eval.budgets=[1,5,10]"))
        for suffix, flag in (("", ""), ("_within", " --set eval.within_alphabet=true"))},
 }
 
 #: results file -> the table's label for rows that are not an algorithm's headline row
-LABELS: dict[str, str] = {"maml_noaug_5way.json": "maml, no augmentation"}
+LABELS: dict[str, str] = {"maml_noaug_5way.json": "maml, no augmentation",
+                          "reptile_fullbatch_5way.json": "reptile, full-batch inner steps"}
 
 
 #: algorithm -> the ``metafn bench`` command whose report is results/omniglot/bench_<algorithm>.json
