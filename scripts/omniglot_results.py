@@ -27,6 +27,13 @@ ROWS: dict[str, tuple[str, str]] = {
                            "metafn eval --checkpoint runs/omniglot_protonet/best.safetensors --set eval.pooled_steps=2000"),
     "protonet_20way.json": ("protonet", "metafn eval --checkpoint runs/omniglot_protonet/best.safetensors --no-baselines --set eval.n_way=20 --set eval.n_tasks=600"),
     "protonet_20way_within.json": ("protonet", "metafn eval --checkpoint runs/omniglot_protonet/best.safetensors --no-baselines --set eval.n_way=20 --set eval.n_tasks=600 --set eval.within_alphabet=true"),
+    **{f"protonet_within_{name}.json": (
+        "protonet", "metafn train --config configs/omniglot_protonet.yaml --out runs/omniglot_protonet_within --no-eval "
+                    "--set task.within_alphabet=true; metafn eval --checkpoint runs/omniglot_protonet_within/best.safetensors "
+                    f"--no-baselines{flags}")
+       for name, flags in (("5way", " --set eval.within_alphabet=false"),
+                           ("20way", " --set eval.n_way=20 --set eval.n_tasks=600 --set eval.within_alphabet=false"),
+                           ("20way_within", " --set eval.n_way=20 --set eval.n_tasks=600 --set eval.within_alphabet=true"))},
     "maml_5way.json": ("maml", "metafn train --config configs/omniglot_maml.yaml --out runs/omniglot_maml --no-eval; "
                        "metafn eval --checkpoint runs/omniglot_maml/best.safetensors --no-baselines"),
     "maml_noaug_5way.json": ("maml", "metafn train --config configs/omniglot_maml.yaml --out runs/omniglot_maml_noaug "
@@ -57,6 +64,8 @@ ROWS: dict[str, tuple[str, str]] = {
 
 #: results file -> the table's label for rows that are not an algorithm's headline row
 LABELS: dict[str, str] = {"maml_noaug_5way.json": "maml, no augmentation",
+                          **{f"protonet_within_{n}.json": "protonet, within-alphabet training"
+                             for n in ("5way", "20way", "20way_within")},
                           "reptile_fullbatch_5way.json": "reptile, full-batch inner steps"}
 
 
