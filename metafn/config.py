@@ -42,6 +42,9 @@ class TaskConfig:
     ``augment_rotation`` (degrees), ``augment_shift`` (pixels) and ``augment_scale`` (relative)
     give the ranges of a random affine transform applied to every meta-training image of
     Omniglot (:mod:`metafn.tasks.augment`); validation and test images are never augmented.
+    ``train_on_val`` (Omniglot) meta-trains on the train and validation alphabets together: the
+    final fit once hyperparameters are chosen on validation, whose scores then no longer come
+    from held-out alphabets (evaluate ``last.safetensors``).
     """
 
     family: str = "sine"
@@ -54,6 +57,7 @@ class TaskConfig:
     image_size: int = 28
     rotations: bool = True
     within_alphabet: bool = False
+    train_on_val: bool = False
     translation_range: tuple[float, ...] | None = None
     augment_rotation: float = 0.0
     augment_shift: float = 0.0
@@ -81,6 +85,8 @@ class TaskConfig:
             _require(math.isfinite(value) and value >= 0, f"task.{key}", "a finite float >= 0", value)
             _require(value == 0 or self.family == "omniglot", f"task.{key}",
                      "0 except for omniglot (image augmentation)", value)
+        _require(not self.train_on_val or self.family == "omniglot", "task.train_on_val",
+                 "false except for omniglot", self.train_on_val)
         _require(self.augment_scale < 1, "task.augment_scale", "a float in [0, 1)", self.augment_scale)
 
 

@@ -3,6 +3,7 @@ tiny generated zips for the pooled baseline and mamlpp)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -300,3 +301,17 @@ def test_mamlpp_trains_and_evaluates_with_learned_rates(tiny_omniglot, tmp_path)
     assert set(res["methods"]) == {"mamlpp", "random_init", "pooled"}
     m = res["methods"]["mamlpp"]
     assert m["kind"] == "mamlpp" and all(b["finetune_lr"] is None for b in m["budgets"])
+
+
+def test_train_on_val_adds_the_validation_alphabets_to_meta_train_only(shared_data, tmp_path):
+    from metafn.experiment import _omniglot_splits
+
+    cfg = omniglot_config(shared_data, tmp_path)
+    plain = _omniglot_splits(cfg)
+    fit = _omniglot_splits(dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, train_on_val=True)))
+    assert fit["train"].alphabets == tuple(sorted(plain["train"].alphabets + plain["val"].alphabets))
+    assert fit["train"].n_classes == plain["train"].n_classes + plain["val"].n_classes
+    assert fit["val"].alphabets == plain["val"].alphabets and fit["test"].alphabets == plain["test"].alphabets
+    assert not set(fit["train"].alphabets) & set(fit["test"].alphabets)
+    with pytest.raises(ConfigError, match="task.train_on_val"):
+        config_from_dict({"task": {"family": "sine", "train_on_val": True}})

@@ -419,8 +419,13 @@ def split_omniglot(
     val: Sequence[str] | None = None,
     test: Sequence[str] | None = None,
     rotations: bool = False,
+    train_on_val: bool = False,
 ) -> OmniglotSplits:
     """Split ``data`` by alphabet into meta-train / meta-val / meta-test.
+
+    ``train_on_val=True`` is the final fit after hyperparameters were chosen on validation
+    (Snell et al. 2017): meta-train holds the train *and* val alphabets, val is returned as well
+    (for monitoring only: it is no longer held out), test is unchanged.
 
     With no lists, the default of the module docstring (:data:`MINIMAL_SPLIT` for the minimal
     sets). Otherwise give all three lists (``val`` may be empty); an alphabet may not be in two
@@ -453,6 +458,8 @@ def split_omniglot(
         raise ValueError(f"rotations: 90-degree rotations need square images, got "
                          f"{data.images.shape[-2:]}; load with image_size=...")
     r = 4 if rotations else 1
+    if train_on_val:
+        spec["train"] = tuple(spec["train"]) + tuple(spec["val"])
     return OmniglotSplits(*(_subset(data, spec[n], r) for n in ("train", "val", "test")))
 
 
