@@ -34,6 +34,12 @@ ROWS: dict[str, tuple[str, str]] = {
        for name, flags in (("5way", " --set eval.within_alphabet=false"),
                            ("20way", " --set eval.n_way=20 --set eval.n_tasks=600 --set eval.within_alphabet=false"),
                            ("20way_within", " --set eval.n_way=20 --set eval.n_tasks=600 --set eval.within_alphabet=true"))},
+    **{f"protonet_trainval_{name}.json": (
+        "protonet", "metafn train --config configs/omniglot_protonet.yaml --out runs/omniglot_protonet_trainval --no-eval "
+                    "--set task.train_on_val=true --set train.eval_interval=7000; metafn eval --checkpoint "
+                    f"runs/omniglot_protonet_trainval/last.safetensors --no-baselines{flags}")
+       for name, flags in (("5way", ""), ("20way", " --set eval.n_way=20 --set eval.n_tasks=600"),
+                           ("20way_within", " --set eval.n_way=20 --set eval.n_tasks=600 --set eval.within_alphabet=true"))},
     "maml_5way.json": ("maml", "metafn train --config configs/omniglot_maml.yaml --out runs/omniglot_maml --no-eval; "
                        "metafn eval --checkpoint runs/omniglot_maml/best.safetensors --no-baselines"),
     "maml_noaug_5way.json": ("maml", "metafn train --config configs/omniglot_maml.yaml --out runs/omniglot_maml_noaug "
@@ -46,6 +52,10 @@ ROWS: dict[str, tuple[str, str]] = {
                          "metafn eval --checkpoint runs/omniglot_fomaml/best.safetensors --no-baselines"),
     "mamlpp_5way.json": ("mamlpp", "metafn train --config configs/omniglot_mamlpp.yaml --out runs/omniglot_mamlpp --no-eval; "
                          "metafn eval --checkpoint runs/omniglot_mamlpp/best.safetensors --no-baselines"),
+    "mamlpp_trainval_5way.json": ("mamlpp", "metafn train --config configs/omniglot_mamlpp.yaml --out "
+                                  "runs/omniglot_mamlpp_trainval --no-eval --set task.train_on_val=true "
+                                  "--set train.eval_interval=2200; metafn eval --checkpoint "
+                                  "runs/omniglot_mamlpp_trainval/last.safetensors --no-baselines"),
     "reptile_5way.json": ("reptile", "metafn train --config configs/omniglot_reptile.yaml --out runs/omniglot_reptile --no-eval; "
                           "metafn eval --checkpoint runs/omniglot_reptile/best.safetensors --no-baselines"),
     "reptile_fullbatch_5way.json": ("reptile", "metafn train --config configs/omniglot_reptile.yaml --out "
@@ -66,6 +76,9 @@ ROWS: dict[str, tuple[str, str]] = {
 LABELS: dict[str, str] = {"maml_noaug_5way.json": "maml, no augmentation",
                           **{f"protonet_within_{n}.json": "protonet, within-alphabet training"
                              for n in ("5way", "20way", "20way_within")},
+                          **{f"protonet_trainval_{n}.json": "protonet, train + val alphabets (final fit)"
+                             for n in ("5way", "20way", "20way_within")},
+                          "mamlpp_trainval_5way.json": "mamlpp, train + val alphabets (final fit)",
                           "reptile_fullbatch_5way.json": "reptile, full-batch inner steps"}
 
 
