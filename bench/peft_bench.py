@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{eff['sec_per_step']:.3f} s/step, {eff['ms_per_utterance']:.2f} ms/utt, "
                 f"{eff['peak_mb']:.0f} MB")
         result["efficiency_seconds"] = time.perf_counter() - t0
-        _write(args.out, result)
+        _write(args.out, result, methods)
 
     # --- accuracy
     if not args.no_accuracy:
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
                     rec["accuracy"][f"random_{k}"] = {"mean": m, "ci95": ci, "n": len(acc),
                                                       "values": acc.tolist()}
                     log(f"proto K={k}: {100 * m:.2f} +- {100 * ci:.2f}")
-                _write(args.out, result)
+                _write(args.out, result, methods)
                 continue
             factory, whole, _ = METHODS[name]
             model = tm.text_model(params, cfg, factory(), None if whole else args.split)
@@ -340,17 +340,30 @@ def main(argv: list[str] | None = None) -> None:
                                                       "values": acc.tolist()}
                     log(f"{name}/{init} K={k}: {100 * m:.2f} +- {100 * ci:.2f}")
                 rec.setdefault("seconds", {})[init] = time.perf_counter() - t0
-                _write(args.out, result)
+                _write(args.out, result, methods)
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["seconds_total"] = time.perf_counter() - t_start
-    _write(args.out, result)
+    _write(args.out, result, methods)
     print(table(result, shots))
 
 
-def _write(path: Path, result: dict) -> None:
+def _write(path: Path, result: dict, methods: list[str]) -> None:
+    """Write ``result`` atomically, keeping what other runs wrote to ``path`` meanwhile: the
+    file on disk is re-read and only this run's ``methods`` (and its entry in ``runs``) are
+    replaced, so runs over disjoint methods can share one results file concurrently."""
     from metafn.checkpoint import atomic_write_text
 
-    atomic_write_text(path, json.dumps(result, indent=1))
+    merged = dict(result)
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        merged["methods"] = {**old.get("methods", {}),
+                             **{m: result["methods"][m] for m in methods if m in result["methods"]}}
+        this_run = result["runs"][-1]
+        merged["runs"] = [r for r in old.get("runs", []) if r != this_run] + [this_run]
+    atomic_write_text(path, json.dumps(merged, indent=1))
 
 
 def _fmt(acc: dict | None) -> str:

@@ -199,6 +199,22 @@ def test_qlora_dequantized_within_bound(tiny_bert):
     assert sorted(g) == sorted(ad)
 
 
+def test_quantized_linear_fused_equals_dequantized_in_value_and_gradient():
+    x = mx.random.normal((3, 5, 128), key=mx.random.key(0))
+    w = mx.random.normal((96, 128), key=mx.random.key(1))
+    wq, scales, biases = mx.quantize(w, group_size=64, bits=4)
+    ct = mx.random.normal((3, 5, 96), key=mx.random.key(2))
+    outs = []
+    for fused in (True, False):
+        f = lambda x: mx.sum(bert.quantized_linear(x, wq, scales, biases, 64, 4, fused=fused) * ct)
+        y = bert.quantized_linear(x, wq, scales, biases, 64, 4, fused=fused)
+        outs.append((y, mx.grad(f)(x)))
+    deq = mx.dequantize(wq, scales, biases, group_size=64, bits=4)
+    assert close(outs[0][0], x @ deq.T, 1e-4) and close(outs[1][0], x @ deq.T, 1e-4)
+    assert close(outs[0][1], outs[1][1], 1e-4)
+    assert not close(outs[0][0], x @ w.T, 1e-3)  # the quantized weight, not the float one
+
+
 def test_qlora_skips_unquantizable_layers():
     params = mlp_init(mx.random.key(0), [4, 64, 3])
     cfg = peft.QLoraConfig(lora=peft.LoraConfig(r=2, target_modules="all-linear"))

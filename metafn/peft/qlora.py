@@ -14,7 +14,7 @@ The adapter is ordinary LoRA (:mod:`metafn.peft.lora`) in float over the quantiz
     y = x W~ + s * (x A) B + b
 
 computed either by dequantizing (merged path, any model: :func:`qlora_apply`) or with
-``mx.quantized_matmul`` on the packed weights (``unmerged=True``, models built on
+:func:`metafn.nn.bert.quantized_linear` on the packed weights (``unmerged=True``, models built on
 :func:`metafn.nn.bert.linear_apply`). Only 2-D dense weights whose ``d_in`` is a multiple of
 ``group_size`` can be quantized; others stay float (with a warning when selected by
 ``"all-linear"``, an error when named explicitly).
@@ -152,7 +152,7 @@ def qlora_apply(
     **kwargs: Any,
 ) -> Any:
     """``apply_fn`` on the adapted model: dequantized and merged (default, any model), or with
-    ``unmerged=True`` through ``mx.quantized_matmul`` plus the float LoRA branch (models using
+    ``unmerged=True`` through :func:`metafn.nn.bert.quantized_linear` plus the float LoRA branch (models using
     :func:`metafn.nn.bert.linear_apply`). Gradients flow to the adapter only."""
     if not callable(apply_fn):
         raise TypeError(f"apply_fn: expected a callable (params, *args) -> output, got {apply_fn!r}")
