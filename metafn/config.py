@@ -44,7 +44,10 @@ class TaskConfig:
     Omniglot (:mod:`metafn.tasks.augment`); validation and test images are never augmented.
     ``train_on_val`` (Omniglot) meta-trains on the train and validation alphabets together: the
     final fit once hyperparameters are chosen on validation, whose scores then no longer come
-    from held-out alphabets (evaluate ``last.safetensors``).
+    from held-out alphabets (evaluate ``last.safetensors``). ``train_alphabets`` /
+    ``val_alphabets`` / ``test_alphabets`` (Omniglot) choose the split by alphabet name; a list
+    left null is the default split's (:func:`metafn.tasks.omniglot.split_omniglot`), so
+    ``metafn eval --set task.test_alphabets=[Balinese]`` scores one held-out alphabet.
     """
 
     family: str = "sine"
@@ -58,6 +61,9 @@ class TaskConfig:
     rotations: bool = True
     within_alphabet: bool = False
     train_on_val: bool = False
+    train_alphabets: tuple[str, ...] | None = None
+    val_alphabets: tuple[str, ...] | None = None
+    test_alphabets: tuple[str, ...] | None = None
     translation_range: tuple[float, ...] | None = None
     augment_rotation: float = 0.0
     augment_shift: float = 0.0
@@ -87,6 +93,9 @@ class TaskConfig:
                      "0 except for omniglot (image augmentation)", value)
         _require(not self.train_on_val or self.family == "omniglot", "task.train_on_val",
                  "false except for omniglot", self.train_on_val)
+        for key in ("train_alphabets", "val_alphabets", "test_alphabets"):
+            _require(getattr(self, key) is None or self.family == "omniglot", f"task.{key}",
+                     "null except for omniglot", getattr(self, key))
         _require(self.augment_scale < 1, "task.augment_scale", "a float in [0, 1)", self.augment_scale)
 
 

@@ -104,7 +104,8 @@ def _omniglot_splits(config: Config) -> dict[str, Any]:
     task = config.task
     cache = task.cache_dir or str(Path.home() / ".cache" / "metafn")
     data = load_omniglot(task.data_dir, cache_dir=cache, image_size=task.image_size)
-    return split_omniglot(data, rotations=task.rotations, train_on_val=task.train_on_val)._asdict()
+    return split_omniglot(data, task.train_alphabets, task.val_alphabets, task.test_alphabets,
+                          rotations=task.rotations, train_on_val=task.train_on_val)._asdict()
 
 
 def _omniglot_augment(config: Config) -> Any:

@@ -235,8 +235,11 @@ def test_split_by_alphabet_explicit_and_errors():
         split_omniglot(data, train=["A0"], val=["A0"], test=["A1"])
     with pytest.raises(ValueError, match="unknown alphabet 'Klingon'"):
         split_omniglot(data, train=["Klingon"], val=[], test=[])
-    with pytest.raises(ValueError, match="all three"):
-        split_omniglot(data, train=["A0"])
+    # A list not given is the default split's (generic default for 4 alphabets: train A0-A2, val A3).
+    p = split_omniglot(data, train=["A0"], test=["A1"])
+    assert p.train.alphabets == ("A0",) and p.val.alphabets == ("A3",) and p.test.alphabets == ("A1",)
+    with pytest.raises(ValueError, match=r"test: alphabet 'A1' is already in the train \(by default"):
+        split_omniglot(data, test=["A1"])
     # Generic default: sorted alphabets, index % 5 == 4 -> test, == 3 -> val.
     d = split_omniglot(_synthetic([2] * 10))
     assert d.test.alphabets == ("A4", "A9") and d.val.alphabets == ("A3", "A8")

@@ -315,3 +315,20 @@ def test_train_on_val_adds_the_validation_alphabets_to_meta_train_only(shared_da
     assert not set(fit["train"].alphabets) & set(fit["test"].alphabets)
     with pytest.raises(ConfigError, match="task.train_on_val"):
         config_from_dict({"task": {"family": "sine", "train_on_val": True}})
+
+
+def test_alphabet_lists_in_the_config_choose_the_split(shared_data, tmp_path):
+    from metafn.experiment import _omniglot_splits
+
+    cfg = omniglot_config(shared_data, tmp_path)
+    plain = _omniglot_splits(cfg)
+    one = _omniglot_splits(dataclasses.replace(cfg, task=dataclasses.replace(
+        cfg.task, test_alphabets=("Balinese",))))
+    assert one["test"].alphabets == ("Balinese",)
+    assert one["train"].alphabets == plain["train"].alphabets and one["val"].alphabets == plain["val"].alphabets
+    parsed = config_from_dict({"task": {"family": "omniglot", "n_way": 5, "test_alphabets": ["Balinese"]}})
+    assert parsed.task.test_alphabets == ("Balinese",)
+    with pytest.raises(ConfigError, match="task.test_alphabets"):
+        config_from_dict({"task": {"family": "sine", "test_alphabets": ["Balinese"]}})
+    with pytest.raises(ValueError, match="'Greek' is already in the val"):
+        _omniglot_splits(dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, test_alphabets=("Greek",))))

@@ -427,31 +427,29 @@ def split_omniglot(
     (Snell et al. 2017): meta-train holds the train *and* val alphabets, val is returned as well
     (for monitoring only: it is no longer held out), test is unchanged.
 
-    With no lists, the default of the module docstring (:data:`MINIMAL_SPLIT` for the minimal
-    sets). Otherwise give all three lists (``val`` may be empty); an alphabet may not be in two
+    A list not given (``None``) is the default split's of the module docstring
+    (:data:`MINIMAL_SPLIT` for the minimal sets), so ``test=["Balinese"]`` alone scores one
+    alphabet with the default train and val. ``val`` may be empty; an alphabet may not be in two
     lists, and alphabets in none are left out. ``rotations=True`` adds the 90/180/270-degree
     rotations of every character as new classes in all three splits.
     """
     if not isinstance(data, OmniglotData):
         raise TypeError(f"data: expected OmniglotData (load_omniglot), got {type(data).__name__}")
-    given = (train, val, test)
-    if all(g is None for g in given):
-        spec = _default_split(data)
-    elif any(g is None for g in given):
-        raise ValueError("train, val, test: give all three alphabet lists, or none for the default")
-    else:
-        spec = {}
-        for name, g in zip(("train", "val", "test"), given):
-            if isinstance(g, str):
-                raise TypeError(f"{name}: expected a list of alphabet names, got the string {g!r}")
-            spec[name] = tuple(g)
+    default = _default_split(data)
+    given = {"train": train, "val": val, "test": test}
+    spec = {}
+    for name, g in given.items():
+        if isinstance(g, str):
+            raise TypeError(f"{name}: expected a list of alphabet names, got the string {g!r}")
+        spec[name] = tuple(default[name] if g is None else g)
     seen: dict[str, str] = {}
     for name, alphabets in spec.items():
         for a in alphabets:
             if a not in data.alphabets:
                 raise ValueError(f"{name}: unknown alphabet {a!r}; known: {', '.join(data.alphabets)}")
             if a in seen:
-                raise ValueError(f"{name}: alphabet {a!r} is already in the {seen[a]} split; "
+                where = seen[a] + (" (by default; give that list too)" if given[seen[a]] is None else "")
+                raise ValueError(f"{name}: alphabet {a!r} is already in the {where} split; "
                                  f"splits must use disjoint alphabets")
             seen[a] = name
     if rotations and data.images.shape[-1] != data.images.shape[-2]:
