@@ -362,7 +362,9 @@ def _write(path: Path, result: dict, methods: list[str]) -> None:
         merged["methods"] = {**old.get("methods", {}),
                              **{m: result["methods"][m] for m in methods if m in result["methods"]}}
         this_run = result["runs"][-1]
-        merged["runs"] = [r for r in old.get("runs", []) if r != this_run] + [this_run]
+        key = (this_run["command"], this_run["started"])  # JSON turns tuples into lists: compare keys
+        merged["runs"] = [r for r in old.get("runs", [])
+                          if (r.get("command"), r.get("started")) != key] + [this_run]
     atomic_write_text(path, json.dumps(merged, indent=1))
 
 
