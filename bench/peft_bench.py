@@ -52,38 +52,21 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
 
-from clinc_common import DEFAULT_CACHE, episode_rows, load_all  # noqa: E402
-from metafn import peft  # noqa: E402
+from clinc_common import (DEFAULT_CACHE, episode_accuracies, episode_rows, load_all,  # noqa: E402
+                          peft_method)
 from metafn import text_meta as tm  # noqa: E402
-from metafn.checkpoint import load_checkpoint, read_metadata  # noqa: E402
+from metafn.checkpoint import load_checkpoint  # noqa: E402
 from metafn.evaluate import mean_ci  # noqa: E402
-from metafn.nn import bert  # noqa: E402
 from metafn.optim import adam, apply_updates  # noqa: E402
 from metafn.random import fold_in  # noqa: E402
 from metafn.tree import tree_count  # noqa: E402
 
-QV = ("query", "value")
-
 # name -> (method factory, needs the whole encoder, adapter learning rate(s) tried on validation
 # besides 0 steps; one rate per method keeps the full run affordable on a 2-core machine)
-METHODS = {
-    "proto": (lambda: None, False, ()),
-    "head": (lambda: None, False, (0.0,)),
-    "lora": (lambda: peft.lora_method(peft.LoraConfig(r=8, alpha=16, target_modules=QV),
-                                      unmerged=True), False, (5e-3,)),
-    "dora": (lambda: peft.dora_method(peft.DoraConfig(r=8, alpha=16, target_modules=QV)),
-             False, (5e-3,)),
-    "adalora": (lambda: peft.adalora_method(peft.AdaLoraConfig(init_r=8, target_r=8,
-                                                               target_modules=QV)),
-                False, (5e-3,)),
-    "qlora": (lambda: peft.qlora_method(peft.QLoraConfig(
-        lora=peft.LoraConfig(r=8, alpha=16, target_modules=QV)), unmerged=True),
-        False, (5e-3,)),
-    "prefix": (lambda: peft.prefix_method(peft.PrefixConfig(n_tokens=10)), False, (3e-2,)),
-    "prompt": (lambda: peft.prompt_method(peft.PromptConfig(n_tokens=10)), True, (3e-2,)),
-    "bitfit": (lambda: peft.head_method(peft.HeadConfig(modules=r".*\.b")), False, (5e-3,)),
-    "full": (lambda: peft.full_method(peft.FullConfig()), False, (1e-4,)),
-}
+_RATES = {"proto": (), "head": (0.0,), "lora": (5e-3,), "dora": (5e-3,), "adalora": (5e-3,),
+          "qlora": (5e-3,), "prefix": (3e-2,), "prompt": (3e-2,), "bitfit": (5e-3,), "full": (1e-4,)}
+METHODS = {name: ((lambda name=name: peft_method(name)), name == "prompt", rates)
+           for name, rates in _RATES.items()}
 QUICK_METHODS = ("proto", "head", "lora", "prefix", "bitfit")
 
 
@@ -207,15 +190,6 @@ def efficiency(names: list[str], params, cfg, tok, texts, support, split, repeat
 # ----------------------------------------------------------------------------- accuracy
 
 
-def accuracies(model, meta, xs, masks, eps, n_way, cfg, chunk):
-    s, sy, q, qy = eps
-    out = []
-    for i in range(0, len(s), chunk):
-        b = tm.text_batch(xs, masks, s[i:i + chunk], sy[i:i + chunk], q[i:i + chunk], qy[i:i + chunk])
-        out.append(tm.episode_accuracy(model, meta, b, n_way, cfg))
-    return np.concatenate(out)
-
-
 def adapt_grid(name: str, steps: int) -> list[tm.AdaptConfig]:
     _, _, lrs = METHODS[name]
     grid = [tm.AdaptConfig(steps=0)]
@@ -239,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chunk", type=int, default=10)
     ap.add_argument("--meta", type=Path, default=Path("/work/runs/clinc/meta"),
                     help="DIR/<method>/best.safetensors meta-learned initializations")
+    ap.add_argument("--inits", default="random,meta",
+                    help="which initializations to score: random (the method's own), meta (from --meta); "
+                         "scores of an init not run here are kept from earlier runs")
     ap.add_argument("--no-accuracy", action="store_true")
     ap.add_argument("--no-efficiency", action="store_true")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -254,6 +231,10 @@ def main(argv: list[str] | None = None) -> None:
         if m not in METHODS:
             raise SystemExit(f"--methods: unknown method {m!r}; choose from {', '.join(METHODS)}")
     shots = [int(k) for k in args.shots.split(",")]
+    run_inits = args.inits.split(",")
+    for i in run_inits:
+        if i not in ("random", "meta"):
+            raise SystemExit(f"--inits: unknown initialization {i!r}; choose from random, meta")
     t_start = time.perf_counter()
     data, caches, (cfg, params, tok) = load_all((args.split,), args.cache, which=("train", "val"), log=log)
     tr, va = caches["train"], caches["val"]
@@ -273,8 +254,9 @@ def main(argv: list[str] | None = None) -> None:
             result["runs"] = old.get("runs", [])
         except json.JSONDecodeError:
             pass
+    started = time.strftime("%Y-%m-%d %H:%M:%S")  # names this run in "runs" and in each score
     result.setdefault("runs", []).append({"command": result["command"], "options": result["options"],
-                                          "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                          "started": started,
                                           "loadavg_start": os.getloadavg()})
     root = mx.random.key(args.seed)
 
@@ -303,13 +285,13 @@ def main(argv: list[str] | None = None) -> None:
         ids_all = tr.ids
         for name in methods:
             rec = result["methods"].setdefault(name, {})
-            rec["accuracy"] = {}
+            rec.setdefault("accuracy", {})
             if name == "proto":
                 for k, (s, sy, q, qy) in test_eps.items():
                     acc = tm.proto_accuracy(tr.emb[s], sy, tr.emb[q], qy, args.way)
                     m, ci = mean_ci(acc)
                     rec["accuracy"][f"random_{k}"] = {"mean": m, "ci95": ci, "n": len(acc),
-                                                      "values": acc.tolist()}
+                                                      "values": acc.tolist(), "run": started}
                     log(f"proto K={k}: {100 * m:.2f} +- {100 * ci:.2f}")
                 _write(args.out, result, methods)
                 continue
@@ -323,21 +305,23 @@ def main(argv: list[str] | None = None) -> None:
                 inits["meta"] = meta
                 rec["meta_checkpoint"] = {"path": str(ck), "metadata": md}
             for init, meta in inits.items():
+                if init not in run_inits:
+                    continue
                 t0 = time.perf_counter()
                 grid = adapt_grid(name, args.steps)
                 scores = []
                 for g in grid:
-                    a = accuracies(model, meta, x_in, masks, val_eps, args.way, g, args.chunk)
+                    a = episode_accuracies(model, meta, x_in, masks, val_eps, args.way, g, args.chunk)
                     scores.append(float(a.mean()))
                 best = grid[int(np.argmax(scores))]
                 rec.setdefault("selection", {})[init] = {
                     "grid": [vars(g) for g in grid], "val_accuracy": scores, "chosen": vars(best)}
                 log(f"{name}/{init}: val {['%.3f' % s for s in scores]} -> steps {best.steps} lr {best.lr}")
                 for k, eps in test_eps.items():
-                    acc = accuracies(model, meta, x_in, masks, eps, args.way, best, args.chunk)
+                    acc = episode_accuracies(model, meta, x_in, masks, eps, args.way, best, args.chunk)
                     m, ci = mean_ci(acc)
                     rec["accuracy"][f"{init}_{k}"] = {"mean": m, "ci95": ci, "n": len(acc),
-                                                      "values": acc.tolist()}
+                                                      "values": acc.tolist(), "run": started}
                     log(f"{name}/{init} K={k}: {100 * m:.2f} +- {100 * ci:.2f}")
                 rec.setdefault("seconds", {})[init] = time.perf_counter() - t0
                 _write(args.out, result, methods)

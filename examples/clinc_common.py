@@ -18,12 +18,62 @@ import metafn  # noqa: F401  (before mlx)
 import mlx.core as mx
 import numpy as np
 
+from metafn import peft
 from metafn import text_meta as tm
 from metafn.nn import bert
 from metafn.tasks import clinc
 
 DEFAULT_CACHE = Path(os.environ.get("METAFN_CLINC_CACHE", "/work/runs/clinc/cache"))
 WIDTH = 32
+QV = ("query", "value")
+# adapters that run on the cached states after layer ``split`` (prompt tuning needs the input layer)
+CACHED_STATE_METHODS = ("lora", "dora", "adalora", "qlora", "prefix", "bitfit", "full")
+
+
+def peft_method(name: str, r: int = 8, alpha: float = 16.0, targets: Sequence[str] = QV,
+                n_tokens: int = 10) -> peft.PeftMethod | None:
+    """The PEFT method ``name`` as the CLINC examples and ``bench.peft_bench`` configure it (one
+    definition, so a checkpoint meta-learned by ``clinc_meta.py`` loads in the benchmark):
+    LoRA-family rank ``r`` with scaling ``alpha / r`` on ``targets``, ``n_tokens`` virtual
+    tokens for prefix / prompt tuning, BitFit = every bias, full = every weight of the adapted
+    layers. ``proto``, ``head`` and ``frozen`` return None (frozen encoder, only the head)."""
+    t = tuple(targets)
+    if name == "lora":
+        return peft.lora_method(peft.LoraConfig(r=r, alpha=alpha, target_modules=t), unmerged=True)
+    if name == "dora":
+        return peft.dora_method(peft.DoraConfig(r=r, alpha=alpha, target_modules=t))
+    if name == "adalora":
+        return peft.adalora_method(peft.AdaLoraConfig(init_r=r, target_r=r, alpha=alpha,
+                                                      target_modules=t))
+    if name == "qlora":
+        return peft.qlora_method(peft.QLoraConfig(
+            lora=peft.LoraConfig(r=r, alpha=alpha, target_modules=t)), unmerged=True)
+    if name == "prefix":
+        return peft.prefix_method(peft.PrefixConfig(n_tokens=n_tokens))
+    if name == "prompt":
+        return peft.prompt_method(peft.PromptConfig(n_tokens=n_tokens))
+    if name == "bitfit":
+        return peft.head_method(peft.HeadConfig(modules=r".*\.b"))
+    if name == "full":
+        return peft.full_method(peft.FullConfig())
+    if name in ("proto", "head", "frozen"):
+        return None
+    raise ValueError(f"method: unknown {name!r}; choose from lora, dora, adalora, qlora, prefix, "
+                     "prompt, bitfit, full, head, proto, frozen")
+
+
+def episode_accuracies(model: tm.TextModel, meta: tm.MetaParams, xs: mx.array, masks: mx.array,
+                       episodes: tuple[np.ndarray, ...], n_way: int, cfg: tm.AdaptConfig,
+                       chunk: int = 10) -> np.ndarray:
+    """Query accuracy ``(T,)`` of each of ``T`` episodes given as row arrays ``(s, sy, q, qy)``
+    into ``xs`` / ``masks``, adapted by ``cfg`` from ``meta``; ``chunk`` episodes are vmapped at
+    a time (memory grows linearly with it)."""
+    s, sy, q, qy = episodes
+    out = []
+    for i in range(0, len(s), chunk):
+        b = tm.text_batch(xs, masks, s[i:i + chunk], sy[i:i + chunk], q[i:i + chunk], qy[i:i + chunk])
+        out.append(tm.episode_accuracy(model, meta, b, n_way, cfg))
+    return np.concatenate(out)
 
 
 class SplitCache(NamedTuple):

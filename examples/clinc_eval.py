@@ -30,8 +30,8 @@ import metafn  # noqa: E402,F401
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from clinc_common import DEFAULT_CACHE, episode_rows, load_all  # noqa: E402
-from clinc_meta import build_method  # noqa: E402
+from clinc_common import (CACHED_STATE_METHODS, DEFAULT_CACHE, episode_accuracies,  # noqa: E402
+                          episode_rows, load_all, peft_method)
 from metafn import text_meta as tm  # noqa: E402
 from metafn.checkpoint import load_checkpoint  # noqa: E402
 from metafn.evaluate import mean_ci  # noqa: E402
@@ -53,15 +53,6 @@ def proto_from_embeddings(emb: np.ndarray, eps, way: int) -> np.ndarray:
     return tm.proto_accuracy(emb[s], sy, emb[q], qy, way)
 
 
-def adapted_accuracy(model, meta, xs, masks, eps, way, cfg, chunk=10) -> np.ndarray:
-    s, sy, q, qy = eps
-    out = []
-    for i in range(0, len(s), chunk):
-        b = tm.text_batch(xs, masks, s[i:i + chunk], sy[i:i + chunk], q[i:i + chunk], qy[i:i + chunk])
-        out.append(tm.episode_accuracy(model, meta, b, way, cfg))
-    return np.concatenate(out)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inits", nargs="*", help="NAME=PATH meta-learned checkpoints")
@@ -75,11 +66,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--head-lr", type=float, default=1e-2)
     ap.add_argument("--no-random-adapt", action="store_true",
                     help="evaluate random-init LoRA at 0 steps only (it equals proto there)")
-    ap.add_argument("--method", default="lora")
+    ap.add_argument("--method", default="lora", choices=CACHED_STATE_METHODS + ("frozen",))
     ap.add_argument("--split", type=int, default=3)
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16.0)
     ap.add_argument("--targets", default="query,value")
+    ap.add_argument("--n-tokens", type=int, default=10, help="prefix tuning: virtual tokens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--out", type=Path, default=Path("/work/runs/clinc/cross_domain.json"))
@@ -91,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     data, caches, (cfg, params, _) = load_all((args.split,), args.cache, which=("train",), log=log)
     tr = caches["train"]
     xs, masks = tr.states[args.split], tr.mask
-    model = tm.text_model(params, cfg, build_method(args.method, args.r, args.alpha, args.targets),
+    model = tm.text_model(params, cfg, peft_method(args.method, args.r, args.alpha, args.targets.split(","),
+                                      args.n_tokens),
                           args.split)
     root = mx.random.key(args.seed)
     test = episode_rows(fold_in(root, 1000 + args.shot), data, tr, "test", args.episodes, args.way,
@@ -127,14 +120,14 @@ def main(argv: list[str] | None = None) -> None:
             if g.steps == 0:
                 a = proto_from_embeddings(emb_full, val, args.way)
             else:
-                a = adapted_accuracy(model, meta, xs, masks, val, args.way, g)
+                a = episode_accuracies(model, meta, xs, masks, val, args.way, g)
             scores.append(float(a.mean()))
             log(f"{name} val steps {g.steps} lr {g.lr}: {100 * scores[-1]:.2f}")
         best = cand[int(np.argmax(scores))]
         if best.steps == 0:
             a = proto_from_embeddings(emb_full, test, args.way)
         else:
-            a = adapted_accuracy(model, meta, xs, masks, test, args.way, best)
+            a = episode_accuracies(model, meta, xs, masks, test, args.way, best)
         rec = results["methods"].setdefault(name, {})
         rec.update({"test": a.tolist(), "val_scores": scores, "grid": [vars(g) for g in cand],
                     "chosen": vars(best), "seconds": time.perf_counter() - t0})

@@ -34,8 +34,8 @@ import metafn  # noqa: E402,F401
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from clinc_common import DEFAULT_CACHE, episode_rows, load_all  # noqa: E402
-from metafn import peft  # noqa: E402
+from clinc_common import (CACHED_STATE_METHODS, DEFAULT_CACHE, episode_accuracies,  # noqa: E402
+                          episode_rows, load_all, peft_method)
 from metafn import text_meta as tm  # noqa: E402
 from metafn.checkpoint import save_checkpoint  # noqa: E402
 from metafn.evaluate import mean_ci  # noqa: E402
@@ -43,41 +43,15 @@ from metafn.optim import adam, apply_updates, chain, clip_by_global_norm  # noqa
 from metafn.random import fold_in  # noqa: E402
 
 
-def build_method(name: str, r: int, alpha: float, targets: str) -> peft.PeftMethod | None:
-    t = tuple(targets.split(","))
-    if name == "lora":
-        return peft.lora_method(peft.LoraConfig(r=r, alpha=alpha, target_modules=t), unmerged=True)
-    if name == "dora":
-        return peft.dora_method(peft.DoraConfig(r=r, alpha=alpha, target_modules=t))
-    if name == "prefix":
-        return peft.prefix_method(peft.PrefixConfig(n_tokens=r))
-    if name == "bitfit":
-        return peft.head_method(peft.HeadConfig(modules=r".*\.b"))
-    if name == "full":
-        return peft.full_method(peft.FullConfig())
-    if name == "frozen":
-        return None
-    raise ValueError(f"--method: unknown {name!r}")
-
-
-def evaluate(model, meta, xs, masks, episodes, n_way, cfg, chunk=10):
-    """Query accuracy per episode ``(T,)`` for episodes given as row arrays."""
-    s, sy, q, qy = episodes
-    out = []
-    for i in range(0, len(s), chunk):
-        b = tm.text_batch(xs, masks, s[i:i + chunk], sy[i:i + chunk], q[i:i + chunk], qy[i:i + chunk])
-        out.append(tm.episode_accuracy(model, meta, b, n_way, cfg))
-    return np.concatenate(out)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--algo", choices=("fomaml", "maml", "reptile", "protonet", "pooled"), default="fomaml")
-    ap.add_argument("--method", default="lora")
+    ap.add_argument("--method", default="lora", choices=CACHED_STATE_METHODS + ("frozen",))
     ap.add_argument("--split", type=int, default=3)
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16.0)
     ap.add_argument("--targets", default="query,value")
+    ap.add_argument("--n-tokens", type=int, default=10, help="prefix tuning: virtual tokens")
     ap.add_argument("--tasks", type=int, default=4)
     ap.add_argument("--way", type=int, default=5)
     ap.add_argument("--shot", type=int, default=1)
@@ -112,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     data, caches, (cfg, params, _) = load_all((args.split,), args.cache, which=("train",), log=log)
     tr = caches["train"]
     xs, masks = tr.states[args.split], tr.mask
-    model = tm.text_model(params, cfg, build_method(args.method, args.r, args.alpha, args.targets),
+    model = tm.text_model(params, cfg, peft_method(args.method, args.r, args.alpha, args.targets.split(","),
+                                      args.n_tokens),
                           args.split)
     root = mx.random.key(args.seed)
     meta = tm.meta_init(model, fold_in(root, 0), args.scale)
@@ -133,8 +108,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def validate(step: int) -> float:
         t0 = time.perf_counter()
-        a0 = evaluate(model, meta, xs, masks, val_eps, args.way, eval0)
-        a = evaluate(model, meta, xs, masks, val_eps, args.way, eval_cfg) if args.inner_steps else a0
+        a0 = episode_accuracies(model, meta, xs, masks, val_eps, args.way, eval0)
+        a = episode_accuracies(model, meta, xs, masks, val_eps, args.way, eval_cfg) if args.inner_steps else a0
         m0, _ = mean_ci(a0)
         m, ci = mean_ci(a)
         log(f"val step {step}: proto {100 * m0:.2f}, adapted {100 * m:.2f} +- {100 * ci:.2f} "
