@@ -12,7 +12,7 @@ from metafn.nn import (
     batch_norm, conv4_apply, conv4_batched_loss, conv4_embed, conv4_init, conv4_loss,
     conv4_task_logits, conv4_task_losses, max_pool_2x2,
 )
-from metafn.nn.conv4 import TASK_METHODS, conv4_feature_size
+from metafn.nn.conv4 import TASK_METHODS, conv3x3, conv4_feature_size, conv_block
 from metafn.outer import maml_outer, task_batched
 from metafn.tasks import Episode
 from metafn.tree import tree_dot, tree_index, tree_map, tree_norm, tree_stack
@@ -111,6 +111,37 @@ def test_batch_norm_any_axes_matches_numpy_compiled_and_eager(shape, axes, stat_
                    argnums=(0, 1, 2))
     for e, c in zip(grad(x, g, b), mx.compile(grad)(x, g, b)):
         np.testing.assert_allclose(np.array(c), np.array(e), rtol=1e-4, atol=1e-5)
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float64])
+def test_conv_block_pooled_first_equals_the_block_in_definition_order(dtype):
+    """conv_block pools before the batch-norm affine and the ReLU (and flips channels with
+    gamma < 0 through the kernel's sign): value, gradient and the second-order term MAML uses
+    match maxpool(relu(batch_norm(conv(x, w)))) for gammas of both signs; at gamma = 0 the values
+    match (every pooled entry ties there, so the two orders pick different valid subgradients)."""
+    ks = mx.random.split(mx.random.key(7), 4)
+    x = mx.random.normal((3, 9, 10, 2), key=ks[0]).astype(dtype)  # odd height: pool floors
+    w = mx.random.normal((5, 3, 3, 2), key=ks[1]).astype(dtype) * 0.3
+    gamma = mx.array([1.3, -0.7, 0.05, -2.0, 0.4], dtype=dtype)
+    beta = mx.random.normal((5,), key=ks[2]).astype(dtype)
+    r = mx.random.normal((3, 4, 5, 5), key=ks[3]).astype(dtype)
+
+    def reference(x, w, g, b):
+        return max_pool_2x2(mx.maximum(batch_norm(conv3x3(x, w), g, b, (0, 1, 2)), 0.0))
+
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == mx.float32 else dict(rtol=1e-10, atol=1e-12)
+    for g in (gamma, gamma * mx.array([1, 1, 0, 1, 1], dtype=dtype)):
+        np.testing.assert_allclose(np.array(conv_block(x, w, g, beta)),
+                                   np.array(reference(x, w, g, beta)), **tol)
+
+    def grads(block):
+        g1 = mx.grad(lambda *a: mx.sum(block(*a) * r), argnums=(0, 1, 2, 3))
+        # second order: the gradient of the squared norm of the weight gradient (MAML's term)
+        g2 = mx.grad(lambda *a: mx.sum(mx.square(g1(*a)[1])), argnums=(1, 2, 3))
+        return g1(x, w, gamma, beta) + g2(x, w, gamma, beta)
+
+    for got, want in zip(grads(conv_block), grads(reference)):
+        np.testing.assert_allclose(np.array(got), np.array(want), **tol)
+
 
 @pytest.mark.parametrize("method", TASK_METHODS)
 def test_task_batched_equals_loop_over_tasks(method: str):

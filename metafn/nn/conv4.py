@@ -5,6 +5,9 @@ Four blocks, then a linear head::
     block(x) = maxpool_2x2(relu(batch_norm(conv3x3(x, W), gamma, beta)))
     conv4(x) = flatten(block4(block3(block2(block1(x))))) @ W_head + b_head
 
+Every block is computed by :func:`conv_block`, which pools *before* the batch-norm affine and
+the ReLU (exact, see there), so those run on a quarter of the activations.
+
 ``conv3x3``: 3x3 kernel, stride 1, zero padding 1, ``hidden`` output channels, no bias (batch
 norm subtracts the batch mean, which cancels a bias exactly). ``maxpool_2x2``: stride 2, odd
 sizes floored (28 -> 14 -> 7 -> 3 -> 1, so the 28x28 feature size is ``D = hidden``; 84x84 gives
@@ -62,7 +65,7 @@ from metafn.outer import BatchedLoss, task_batched
 from metafn.tree import PyTree
 
 __all__ = [
-    "batch_norm", "max_pool_2x2", "conv3x3", "conv4_feature_size", "conv4_init", "conv4_embed",
+    "batch_norm", "max_pool_2x2", "conv3x3", "conv_block", "conv4_feature_size", "conv4_init", "conv4_embed",
     "conv4_apply", "conv4_loss", "conv4_task_embed", "conv4_task_logits", "conv4_task_losses",
     "conv4_batched_loss", "TASK_METHODS", "BN_EPS",
 ]
@@ -119,20 +122,23 @@ def _staged_mean(x: mx.array, axes: tuple[int, ...]) -> mx.array:
     return x
 
 
-def batch_norm(
+def _bn_affine(
     x: mx.array, gamma: mx.array, beta: mx.array, axes: tuple[int, ...], eps: float = BN_EPS
-) -> mx.array:
-    """Batch norm with the batch's own statistics over ``axes`` (see the module docstring).
-
-    ``gamma`` and ``beta`` broadcast against the reduced statistics (shape of ``x`` with ``axes``
-    set to 1). Two passes: ``mu = mean(x)``, ``var = mean((x - mu)^2)`` (staged reductions, see
-    :func:`_staged_mean`); computed as ``x * s + (beta - mu s)`` with ``s = gamma / sqrt(var + eps)``.
-    """
+) -> tuple[mx.array, mx.array]:
+    """Batch norm of ``x`` over ``axes`` as a per-channel affine map ``y = x * scale + shift``:
+    ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mu * scale``, with the batch's two-pass
+    statistics ``mu = mean(x)``, ``var = mean((x - mu)^2)`` (staged reductions, see
+    :func:`_staged_mean`). ``scale`` and ``shift`` have the shape of ``x`` with ``axes`` set to 1
+    (or the broadcast shape of ``gamma`` / ``beta`` against it)."""
     mu = _staged_mean(x, axes)
     var = _staged_mean(mx.square(x - mu), axes)
     scale = gamma * mx.rsqrt(var + eps)
-    shift = beta - mu * scale
-    if scale.shape != mu.shape or shift.shape != mu.shape:
+    return scale, beta - mu * scale
+
+
+def _apply_affine(x: mx.array, scale: mx.array, shift: mx.array, axes: tuple[int, ...]) -> mx.array:
+    """``x * scale + shift`` with per-channel ``scale`` / ``shift`` reduced over ``axes``."""
+    if scale.shape != shift.shape or scale.ndim != x.ndim:
         return x * scale + shift
     # The affine on a view with each run of reduced / kept axes collapsed into one, e.g.
     # (N, H, W, C) -> (N H W, C) with (C,)-shaped statistics. The reshape materializes scale and
@@ -142,6 +148,54 @@ def batch_norm(
     view, stat_view = _collapsed_shapes(x.shape, set(a % x.ndim for a in axes))
     y = x.reshape(view) * scale.reshape(stat_view) + shift.reshape(stat_view)
     return y.reshape(x.shape)
+
+
+def batch_norm(
+    x: mx.array, gamma: mx.array, beta: mx.array, axes: tuple[int, ...], eps: float = BN_EPS
+) -> mx.array:
+    """Batch norm with the batch's own statistics over ``axes`` (see the module docstring).
+
+    ``gamma`` and ``beta`` broadcast against the reduced statistics (shape of ``x`` with ``axes``
+    set to 1). Two passes: ``mu = mean(x)``, ``var = mean((x - mu)^2)`` (staged reductions, see
+    :func:`_staged_mean`); computed as ``x * s + (beta - mu s)`` with ``s = gamma / sqrt(var + eps)``.
+    """
+    scale, shift = _bn_affine(x, gamma, beta, axes, eps)
+    return _apply_affine(x, scale, shift, axes)
+
+
+def conv_block(
+    x: mx.array,
+    w: mx.array,
+    gamma: mx.array,
+    beta: mx.array,
+    axes: tuple[int, ...] = (0, 1, 2),
+    conv: Callable[[mx.array, mx.array], mx.array] | None = None,
+) -> mx.array:
+    """One conv4 block, ``maxpool_2x2(relu(batch_norm(conv(x, w), gamma, beta)))``, pooled first.
+
+    Batch norm with batch statistics is, per channel, the affine map ``a z + b`` with
+    ``a = gamma / sqrt(var + eps)``; ReLU is non-decreasing, so where ``a >= 0``
+
+        maxpool(relu(a z + b)) = relu(a maxpool(z) + b)
+
+    exactly, in floating point too (a correctly rounded multiply or add is monotone). A channel
+    with ``gamma < 0`` is flipped first: with the constant ``s = sign(gamma)`` (+1 at 0),
+    ``conv(x, s w) = s conv(x, w)`` exactly (the sign goes on the small kernel, not on the
+    activation), its statistics are ``s mu`` and ``var``, and ``gamma s >= 0``. The affine and the
+    ReLU then run on the pooled, quarter-size tensor, forward and in every backward pass (MAML's
+    second order differentiates the backward pass again). Only the gradient's split among *tied*
+    maxima can differ from the unpooled order.
+
+    ``x``: the block input; ``w``: kernels with the output channel on the axis before the last
+    three (``(Co, 3, 3, Ci)``, or ``(T, Co, 3, 3, Ci)``); ``gamma`` / ``beta``: shaped like the
+    statistics of ``conv(x, w)`` reduced over ``axes``, holding one entry per output channel of
+    ``w`` in its order. ``conv`` defaults to :func:`conv3x3`.
+    """
+    conv = conv3x3 if conv is None else conv
+    sign = mx.stop_gradient(mx.where(gamma < 0, -1.0, 1.0).astype(gamma.dtype))
+    z = conv(x, w * sign.reshape(*w.shape[:-3], 1, 1, 1))
+    scale, shift = _bn_affine(z, gamma * sign, beta, axes)
+    return mx.maximum(_apply_affine(max_pool_2x2(z), scale, shift, axes), 0.0)
 
 
 def _collapsed_shapes(shape: tuple[int, ...], reduced: set[int]) -> tuple[list[int], list[int]]:
@@ -224,8 +278,7 @@ def conv4_embed(params: Conv4Params, x: mx.array) -> mx.array:
     """Features before the head: ``x (N, H, W, C) -> (N, D)`` (flattened in ``(h, w, c)`` order)."""
     _check_x(params, x, 4)
     for blk in params["blocks"]:
-        x = conv3x3(x, blk["w"])
-        x = max_pool_2x2(mx.maximum(batch_norm(x, blk["gamma"], blk["beta"], (0, 1, 2)), 0.0))
+        x = conv_block(x, blk["w"], blk["gamma"], blk["beta"])
     return x.reshape(x.shape[0], -1)
 
 
@@ -264,14 +317,21 @@ def _task_features_grouped(params_t: Conv4Params, x: mx.array) -> mx.array:
     """Grouped-convolution form: tasks folded into channels ``(B, H, W, T C)`` throughout."""
     t, b, h, w, ci = x.shape
     z = x.transpose(1, 2, 3, 0, 4).reshape(b, h, w, t * ci)
+    def grouped_conv(z: mx.array, w: mx.array) -> mx.array:
+        return mx.conv2d(z, w, padding=1, groups=t)
+
     for blk in params_t["blocks"]:
         wt = blk["w"]
-        co = wt.shape[1]
-        z = mx.conv2d(z, wt.reshape(t * co, *wt.shape[2:]), padding=1, groups=t)
-        z = batch_norm(z, blk["gamma"].reshape(-1), blk["beta"].reshape(-1), (0, 1, 2))
-        z = max_pool_2x2(mx.maximum(z, 0.0))
+        z = conv_block(z, wt.reshape(-1, *wt.shape[2:]), blk["gamma"].reshape(-1),
+                       blk["beta"].reshape(-1), conv=grouped_conv)
     b, h, w, tc = z.shape
     return z.reshape(b, h, w, t, tc // t).transpose(3, 0, 1, 2, 4).reshape(t, b, -1)
+
+
+def _unstack(a: mx.array) -> list[mx.array]:
+    """``a (T, ...)`` as ``T`` arrays ``(...)``, by one ``mx.split``: its gradient is one
+    concatenation, where ``a[i]`` (a gather) scatters into a full-size zero array per task."""
+    return [p.squeeze(0) for p in mx.split(a, a.shape[0], axis=0)]
 
 
 def conv4_task_embed(params_t: Conv4Params, x: mx.array, method: str = "loop") -> mx.array:
@@ -297,19 +357,17 @@ def conv4_task_embed(params_t: Conv4Params, x: mx.array, method: str = "loop") -
     if method == "loop":
         # Per-task activations stay separate arrays: slicing a stacked activation would cost a
         # full-size scatter per task in the backward pass (the vjp of x[t] is a slice update).
+        blocks = [{k: _unstack(v) for k, v in blk.items()} for blk in params_t["blocks"]]
         feats = []
-        for i in range(t):
-            z = x[i]
-            for blk in params_t["blocks"]:
-                z = batch_norm(conv3x3(z, blk["w"][i]), blk["gamma"][i], blk["beta"][i], (0, 1, 2))
-                z = max_pool_2x2(mx.maximum(z, 0.0))
+        for i, z in enumerate(_unstack(x)):
+            for blk in blocks:
+                z = conv_block(z, blk["w"][i], blk["gamma"][i], blk["beta"][i])
             feats.append(z.reshape(z.shape[0], -1))
         return mx.stack(feats)
     for blk in params_t["blocks"]:
-        z = _im2col_conv_tasks(x, blk["w"])
         g = blk["gamma"][:, None, None, None, :]
         bt = blk["beta"][:, None, None, None, :]
-        x = max_pool_2x2(mx.maximum(batch_norm(z, g, bt, (1, 2, 3)), 0.0))
+        x = conv_block(x, blk["w"], g, bt, (1, 2, 3), conv=_im2col_conv_tasks)
     return x.reshape(t, x.shape[1], -1)
 
 
