@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 REFERENCE_KEYS = ("epochs", "lr", "scale", "ls", "token_drop", "split", "r", "targets",
-                  "con_epochs", "names", "ensemble", "proto_weight", "head_lr")
+                  "con_epochs", "names", "ensemble", "proto_weight", "head_lr", "init_adapter",
+                  "self_train", "st_rounds", "st_finetune", "st_epochs")
 
 
 def _t975(n: int) -> float:

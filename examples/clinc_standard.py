@@ -140,6 +140,20 @@ def main(argv: list[str] | None = None) -> None:
                     help="more penalties of the tuned-embedding logreg, scored as lr@l2")
     ap.add_argument("--mix", type=float, nargs="+", default=[0.25, 0.5],
                     help="weights of the frozen logreg in the head+frozenlr scores")
+    ap.add_argument("--init-adapter", type=Path, default=None,
+                    help="start the adapter from this adapter.safetensors (clinc_pretrain.py: "
+                         "self-supervised on unlabelled train utterances)")
+    ap.add_argument("--self-train", type=int, nargs="*", default=[],
+                    help="self-training scorers st@M: pseudo-label the unlabelled train pool "
+                         "(train minus shots minus the carved holdout) with the lr scorer, keep "
+                         "the M most confident per predicted intent, refit lr on shots + those")
+    ap.add_argument("--st-rounds", type=int, default=1,
+                    help="self-training rounds (round r > 1 scored as st@MrR, pseudo-labels "
+                         "from round r - 1's fit)")
+    ap.add_argument("--st-finetune", type=int, default=0,
+                    help="self-train the encoder too: fine-tune again (--st-epochs) on the shots "
+                         "+ the pseudo-labels of st@M (its last round), scored stft-head / stft-lr")
+    ap.add_argument("--st-epochs", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--out", type=Path, default=Path("/work/runs/clinc/standard.jsonl"))
@@ -191,8 +205,12 @@ def main(argv: list[str] | None = None) -> None:
                     probs = {name: {} for name in evals}
                     for member in range(args.ensemble):
                         mkey = key if member == 0 else fold_in(key, 100 + member)
+                        pool = None
+                        if args.self_train:
+                            pool = np.setdiff1d(np.arange(len(tr.labels)),
+                                                np.concatenate([s_rows, c_rows]))
                         got = fit_and_score(method_name, args, tr, va, s_rows, s_y, evals, n_cls,
-                                            mkey, names, log)
+                                            mkey, names, log, pool)
                         for name, sc in got.items():
                             for sname, pr in sc.items():
                                 probs[name][sname] = probs[name].get(sname, 0.0) + pr / args.ensemble
@@ -244,8 +262,8 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def fit_and_score(method_name: str, args: argparse.Namespace, tr, va, s_rows: np.ndarray,
-                  s_y: np.ndarray, evals: dict, n_cls: int, key: mx.array, names, log
-                  ) -> dict[str, dict[str, np.ndarray]]:
+                  s_y: np.ndarray, evals: dict, n_cls: int, key: mx.array, names, log,
+                  pool: np.ndarray | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Fine-tune one model on the shots (optional contrastive stage, then the prototype-
     initialized cosine head with cross-entropy) and return, per evaluation set, the class
     probabilities of each scorer (``head``, ``proto``, ``lr``)."""
@@ -260,6 +278,12 @@ def fit_and_score(method_name: str, args: argparse.Namespace, tr, va, s_rows: np
         m = mx.concatenate([m, nm.astype(m.dtype)], axis=0)
         y = mx.concatenate([y, mx.array(ny.astype(np.int32))], axis=0)
     adapter = tm.meta_init(model, fold_in(key, 1)).adapter
+    if args.init_adapter is not None:
+        loaded, _ = peft.load_tree(args.init_adapter)
+        if set(loaded) != set(adapter):
+            raise ValueError(f"--init-adapter: {args.init_adapter} adapts {sorted(loaded)[:3]}..., "
+                             f"this model {sorted(adapter)[:3]}... (--split / --targets differ?)")
+        adapter = loaded
     ep_log = lambda r: log(f"  epoch {r['epoch']} loss {r['loss']:.4f} {r['seconds']:.0f}s")  # noqa: E731
     if args.con_epochs:
         ccfg = tm.FinetuneConfig(epochs=args.con_epochs, lr=args.con_lr or args.lr, head_lr=0.0,
@@ -283,6 +307,42 @@ def fit_and_score(method_name: str, args: argparse.Namespace, tr, va, s_rows: np
     proto = tm.proto_head(shot_emb, y, n_cls)
     lr = logreg(np.array(shot_emb), np.array(y), n_cls, args.l2)
     extra = {v: logreg(np.array(shot_emb), np.array(y), n_cls, v) for v in args.extra_l2}
+    st_fits = {}
+    if pool is not None and args.self_train:
+        pidx = mx.array(pool.astype(np.int32))
+        p_emb = np.array(tm.embed_all(model, adapter, tr.states[args.split][pidx], tr.mask[pidx]))
+        p_prob = _softmax(p_emb @ np.array(lr["w"]) + np.array(lr["b"]))
+        for m_ in args.self_train:
+            prob = p_prob
+            for rnd in range(args.st_rounds):
+                sel_rows, sel_y = tm.pseudo_label(prob, m_)
+                xx = np.concatenate([np.array(shot_emb), p_emb[sel_rows]])
+                yy = np.concatenate([np.array(y), sel_y])
+                fit = logreg(xx, yy, n_cls, args.l2)
+                prob = _softmax(p_emb @ np.array(fit["w"]) + np.array(fit["b"]))
+                acc = float((sel_y == tr.labels[pool[sel_rows]]).mean())  # diagnostic only
+                log(f"  self-train M={m_} round {rnd + 1}: {len(sel_rows)} pseudo-labels, "
+                    f"{100 * acc:.1f}% correct")
+                st_fits[m_ if rnd == 0 else f"{m_}r{rnd + 1}"] = fit
+            if m_ == args.st_finetune:
+                ft_rows, ft_y = tm.pseudo_label(prob, m_)
+    ft = None
+    if args.st_finetune:
+        # self-training of the encoder: fine-tune on the shots + the pseudo-labelled pool rows
+        if args.st_finetune not in args.self_train:
+            raise ValueError(f"--st-finetune: {args.st_finetune} must be one of --self-train")
+        prow = mx.array(pool[ft_rows].astype(np.int32))
+        fx = mx.concatenate([x, tr.states[args.split][prow].astype(x.dtype)], axis=0)
+        fm = mx.concatenate([m, tr.mask[prow].astype(m.dtype)], axis=0)
+        fy = mx.concatenate([y, mx.array(ft_y.astype(np.int32))], axis=0)
+        cfg2 = tm.FinetuneConfig(epochs=args.st_epochs, batch_size=args.batch, lr=args.lr,
+                                 head_lr=args.head_lr, scale=args.scale,
+                                 label_smoothing=args.ls, weight_decay=args.wd,
+                                 token_drop=args.token_drop)
+        ad2, head2, _ = tm.finetune(model, adapter, head, fx, fm, fy, cfg2, fold_in(key, 4),
+                                    log=ep_log)
+        f_emb = np.array(tm.embed_all(model, ad2, fx, fm))
+        ft = (ad2, head2, logreg(f_emb, np.array(fy), n_cls, args.l2))
     out = {}
     for name, (split, rows, _) in evals.items():
         sc = tr if split == "train" else va
@@ -295,7 +355,15 @@ def fit_and_score(method_name: str, args: argparse.Namespace, tr, va, s_rows: np
         }
         for v, p in extra.items():
             out[name][f"lr@{v:g}"] = _softmax(np.array(emb @ p["w"] + p["b"]))
+        for m_, p in st_fits.items():
+            out[name][f"st@{m_}"] = _softmax(np.array(emb @ p["w"] + p["b"]))
+        if ft is not None:
+            ad2, head2, lr2 = ft
+            emb2 = tm.embed_all(model, ad2, sc.states[args.split][ridx], sc.mask[ridx])
+            out[name]["stft-head"] = _softmax(np.array(tm.head_logits(head2, emb2, args.scale)))
+            out[name]["stft-lr"] = _softmax(np.array(emb2 @ lr2["w"] + lr2["b"]))
     return out
+
 
 
 _MODEL = None

@@ -60,6 +60,7 @@ __all__ = [
     "MetaParams", "meta_init", "TextBatch", "text_batch", "episode_query_loss",
     "text_maml_outer", "text_reptile_grad", "episode_accuracy", "proto_accuracy",
     "FinetuneConfig", "finetune", "embed_all", "predict_logits", "accuracy_np", "supcon_loss",
+    "simcse_loss", "SimcseConfig", "simcse_pretrain", "pseudo_label",
 ]
 
 
@@ -336,6 +337,126 @@ def supcon_loss(emb: mx.array, y: mx.array, scale: float | mx.array) -> mx.array
     per = -mx.sum(mx.where(pos, logp, 0.0), axis=-1) / mx.maximum(n_pos, 1.0)
     has = (n_pos > 0).astype(e.dtype)
     return mx.sum(per * has) / mx.maximum(mx.sum(has), 1.0)
+
+
+def simcse_loss(e1: mx.array, e2: mx.array, scale: float | mx.array) -> mx.array:
+    """Unsupervised contrastive (SimCSE, Gao et al. 2021; the self-supervised stage of CPFT,
+    Zhang et al. 2021) loss between two views ``e1 (B, d)``, ``e2 (B, d)`` of the same ``B``
+    utterances (row ``i`` of both is one utterance): the other view of an utterance is its
+    positive, the other view of every other utterance in the batch a negative. Cosine
+    similarities at temperature ``1 / scale``, symmetric in the two views:
+
+        S_ij = s cos(e1_i, e2_j)                                      (B, B)
+        L = (mean_i CE(S_i., i) + mean_j CE(S_.j, j)) / 2
+
+    Needs ``B >= 2``. Invariant to the norms of the rows and to permuting the utterances."""
+    if e1.ndim != 2 or e1.shape != e2.shape:
+        raise ValueError(f"e2: expected the shape of e1 {e1.shape}, got {e2.shape}")
+    if e1.shape[0] < 2:
+        raise ValueError(f"e1: expected at least 2 utterances (rows), got {e1.shape[0]}")
+    u1 = e1 * mx.rsqrt(mx.sum(e1 * e1, axis=-1, keepdims=True) + 1e-12)
+    u2 = e2 * mx.rsqrt(mx.sum(e2 * e2, axis=-1, keepdims=True) + 1e-12)
+    sim = scale * (u1 @ u2.T)
+    target = mx.arange(e1.shape[0])
+    return 0.5 * (softmax_ce(sim, target) + softmax_ce(sim.T, target))
+
+
+@dataclass(frozen=True)
+class SimcseConfig:
+    """Self-supervised contrastive pre-training of the adapter on unlabelled utterances
+    (:func:`simcse_pretrain`): ``epochs`` passes in shuffled minibatches of ``batch_size``
+    utterances, Adam at rate ``lr`` with linear warm-up over ``warmup`` of the steps and cosine
+    decay, temperature ``1 / scale``; the two views of an utterance are two independent
+    ``token_drop`` masks (each real token but the first hidden with that probability) and, when
+    the method has adapter dropout, two dropout draws."""
+
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 1e-3
+    scale: float = 20.0
+    token_drop: float = 0.1
+    warmup: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size: expected >= 2 (in-batch negatives), got {self.batch_size!r}")
+        for name in ("lr", "scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name}: expected a finite positive number, got {v!r}")
+        if not 0.0 <= self.token_drop < 1.0:
+            raise ValueError(f"token_drop: expected a probability in [0, 1), got {self.token_drop!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup: expected a fraction in [0, 1), got {self.warmup!r}")
+
+
+def simcse_pretrain(
+    model: TextModel, adapter: PyTree, inputs: mx.array, masks: mx.array, cfg: SimcseConfig,
+    key: mx.array, log: Callable[[dict[str, float]], None] | None = None,
+    log_every: int = 0,
+) -> tuple[PyTree, list[dict[str, float]]]:
+    """Pre-train ``adapter`` with :func:`simcse_loss` on unlabelled ``inputs (N, L[, d])`` with
+    ``masks (N, L)`` (no labels are read). Each step takes ``cfg.batch_size`` utterances, draws
+    two token-drop views of each and descends the SimCSE loss between their embeddings.
+    Returns ``(adapter, history)`` (mean loss and seconds per epoch; with ``log_every > 0``
+    also a record every ``log_every`` steps). ``key`` drives shuffling, masks and dropout."""
+    if not isinstance(cfg, SimcseConfig):
+        raise TypeError(f"cfg: expected a SimcseConfig, got {type(cfg).__name__}")
+    n = int(inputs.shape[0])
+    if masks.shape[0] != n:
+        raise ValueError(f"masks: expected {n} rows like inputs, got {masks.shape}")
+    if n < cfg.batch_size:
+        raise ValueError(f"inputs: expected at least cfg.batch_size={cfg.batch_size} rows, got {n}")
+    per_epoch = n // cfg.batch_size  # full batches only (the negatives' count stays fixed)
+    total = per_epoch * cfg.epochs
+    opt = adam(_schedule(cfg.lr, total, int(cfg.warmup * total)))
+
+    def loss_fn(ad: PyTree, x: mx.array, m1: mx.array, m2: mx.array, k: mx.array) -> mx.array:
+        k1, k2 = mx.random.split(k)
+        return simcse_loss(model_embed(model, ad, x, m1, k1), model_embed(model, ad, x, m2, k2),
+                           cfg.scale)
+
+    grad_fn = mx.value_and_grad(loss_fn)
+    np_masks = np.array(masks)
+    rng = np.random.default_rng([int(v) for v in np.array(key)])
+    state = (adapter, opt.init(adapter))
+    history: list[dict[str, float]] = []
+    step_no = 0
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        perm = rng.permutation(n)
+        losses = []
+        for b in range(per_epoch):
+            rows = np.sort(perm[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+            length = bucket_length(np_masks[rows])
+            idx = mx.array(rows.astype(np.int32))
+            m = np_masks[rows][:, :length]
+            views = []
+            for _ in range(2):
+                keep = rng.random(m.shape) >= cfg.token_drop
+                keep[:, 0] = True
+                views.append(mx.array((m * keep).astype(np.int32)))
+            ad, st = state
+            loss, g = grad_fn(ad, inputs[idx][:, :length], views[0], views[1],
+                              mx.random.key(int(rng.integers(2**31))))
+            u, st = opt.update(g, st, ad)
+            state = (apply_updates(ad, u), st)
+            mx.eval(state, loss)
+            losses.append(float(loss.item()))
+            step_no += 1
+            if log_every and step_no % log_every == 0 and log is not None:
+                log({"step": step_no, "loss": float(np.mean(losses[-log_every:])),
+                     "seconds": time.perf_counter() - t0})
+        rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)),
+               "seconds": time.perf_counter() - t0}
+        history.append(rec)
+        if log is not None:
+            log(rec)
+    return state[0], history
 
 
 # ----------------------------------------------------------------------------- adaptation
@@ -778,3 +899,24 @@ def predict_logits(
 def accuracy_np(logits: np.ndarray, y: np.ndarray | mx.array) -> float:
     """Fraction of rows of ``logits (N, C)`` whose arg-max equals ``y (N,)``."""
     return float((np.asarray(logits).argmax(-1) == np.asarray(y)).mean())
+
+
+def pseudo_label(prob: np.ndarray, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class-balanced pseudo-labels for self-training on an unlabelled pool: ``prob (N, C)``
+    are a classifier's class probabilities for the ``N`` pool rows; for every class ``c`` keep
+    the (at most) ``per_class`` rows whose arg-max is ``c`` with the highest ``max prob``.
+
+    Returns ``(rows (M,), labels (M,))``, ``M <= C * per_class``, grouped by class, each group
+    in decreasing confidence (ties by row order). A row is kept at most once."""
+    p = np.asarray(prob)
+    if p.ndim != 2:
+        raise ValueError(f"prob: expected (N, C) probabilities, got shape {p.shape}")
+    if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
+        raise ValueError(f"per_class: expected a positive int, got {per_class!r}")
+    pred, conf = p.argmax(-1), p.max(-1)
+    rows = []
+    for c in range(p.shape[1]):
+        r = np.flatnonzero(pred == c)
+        rows.append(r[np.argsort(-conf[r], kind="stable")[:per_class]])
+    out = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    return out, pred[out]

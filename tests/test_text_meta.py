@@ -326,3 +326,73 @@ def test_finetune_contrastive_stage(params, table):
         tm.FinetuneConfig(ce_weight=0.0)
     with pytest.raises(ValueError, match="con_weight"):
         tm.FinetuneConfig(con_weight=-1.0)
+
+
+def test_simcse_loss_matches_numpy_and_invariances():
+    rng = np.random.default_rng(7)
+    e1 = rng.normal(size=(6, 5)).astype(np.float32)
+    e2 = (e1 + 0.3 * rng.normal(size=(6, 5))).astype(np.float32)
+    s = 4.0
+    got = float(tm.simcse_loss(mx.array(e1), mx.array(e2), s).item())
+    u1 = e1 / np.linalg.norm(e1, axis=1, keepdims=True)
+    u2 = e2 / np.linalg.norm(e2, axis=1, keepdims=True)
+    sim = s * u1 @ u2.T
+    row = np.mean([np.log(np.exp(sim[i]).sum()) - sim[i, i] for i in range(6)])
+    col = np.mean([np.log(np.exp(sim[:, j]).sum()) - sim[j, j] for j in range(6)])
+    assert abs(got - 0.5 * (row + col)) < 1e-4
+    # invariant to row norms, to permuting the utterances and to swapping the views
+    perm = rng.permutation(6)
+    norms = rng.uniform(0.5, 3.0, (6, 1)).astype(np.float32)
+    for a, b in ((e1 * norms, e2), (e1[perm], e2[perm]), (e2, e1)):
+        assert abs(float(tm.simcse_loss(mx.array(a), mx.array(b), s).item()) - got) < 1e-4
+    # matched views score lower than mismatched ones
+    assert float(tm.simcse_loss(mx.array(e1), mx.array(e1), s).item()) < got
+    assert float(tm.simcse_loss(mx.array(e1), mx.array(e2[::-1].copy()), s).item()) > got
+    with pytest.raises(ValueError, match="e2"):
+        tm.simcse_loss(mx.array(e1), mx.array(e2[:5]), s)
+    with pytest.raises(ValueError, match="e1"):
+        tm.simcse_loss(mx.array(e1[:1]), mx.array(e2[:1]), s)
+
+
+def test_simcse_pretrain_lowers_loss_and_uses_no_labels(params, table):
+    model = tm.text_model(params, CFG, _lora(), 1)
+    x = tm.precompute_inputs(model, table)
+    ad0 = tm.meta_init(model, mx.random.key(0)).adapter
+    cfg = tm.SimcseConfig(epochs=8, batch_size=12, lr=3e-2, scale=10.0, token_drop=0.2)
+    ad, hist = tm.simcse_pretrain(model, ad0, x, table.mask, cfg, mx.random.key(3))
+    assert len(hist) == 8 and all(np.isfinite(h["loss"]) for h in hist)
+    # the loss on two fixed token-drop views of all 36 utterances goes down
+    rng = np.random.default_rng(11)
+    m = np.array(table.mask)
+    views = [mx.array(m * np.where(np.arange(m.shape[1]) == 0, 1, rng.random(m.shape) >= 0.2))
+             for _ in range(2)]
+
+    def fixed_loss(a):
+        return float(tm.simcse_loss(tm.model_embed(model, a, x, views[0]),
+                                    tm.model_embed(model, a, x, views[1]), 10.0).item())
+
+    assert fixed_loss(ad) < fixed_loss(ad0)
+    assert any(float(mx.abs(v["b"]).max().item()) > 0 for v in ad.values())
+    ad2, _ = tm.simcse_pretrain(model, ad0, x, table.mask, cfg, mx.random.key(3))
+    _close(ad, ad2, 0.0)  # deterministic given the key
+    with pytest.raises(ValueError, match="batch_size"):
+        tm.SimcseConfig(batch_size=1)
+    with pytest.raises(ValueError, match="token_drop"):
+        tm.SimcseConfig(token_drop=1.0)
+    with pytest.raises(ValueError, match="inputs"):
+        tm.simcse_pretrain(model, ad0, x[:5], table.mask[:5], cfg, mx.random.key(3))
+
+
+def test_pseudo_label_is_class_balanced_and_most_confident():
+    prob = np.array([[0.9, 0.1, 0.0], [0.6, 0.4, 0.0], [0.7, 0.2, 0.1], [0.2, 0.7, 0.1],
+                     [0.1, 0.3, 0.6], [0.5, 0.4, 0.1]])
+    rows, lab = tm.pseudo_label(prob, 2)
+    np.testing.assert_array_equal(rows, [0, 2, 3, 4])  # class 0: 0.9, 0.7 (not 0.6, 0.5)
+    np.testing.assert_array_equal(lab, [0, 0, 1, 2])
+    rows, lab = tm.pseudo_label(prob, 10)
+    assert sorted(rows.tolist()) == list(range(6))
+    np.testing.assert_array_equal(lab, prob[rows].argmax(-1))
+    with pytest.raises(ValueError, match="per_class"):
+        tm.pseudo_label(prob, 0)
+    with pytest.raises(ValueError, match="prob"):
+        tm.pseudo_label(prob[0], 1)
