@@ -11,7 +11,8 @@ a mismatch aborts the run (``--check-only`` stops after the checks). Timings: af
 ``--repeats`` timed calls per runner and workload, taken in rounds of ``--batch`` calls, round
 robin over the runners (the order rotates each round), so slow drifts of a shared machine hit
 every framework alike. Reports median / min / max ms, peak memory (fresh process per framework
-and workload), each runner's time over metafn's (the compiled step, variant ``metafn``), the
+and workload), each runner's time over metafn's (variant ``metafn``: the step as metafn runs it, see
+``bench.peers.variants``), the
 GEMM rate of each framework and, where a FLOP count exists, achieved GFLOP/s and its fraction of
 that framework's GEMM rate (wall clock and per CPU-second). Writes ``bench/results/speed.json``.
 """
@@ -32,10 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.peers.variants import HEADLINE, reference_variant
 from bench.peers.workloads import WORKLOADS, compare, flops, make_data
 
-REFERENCE = "metafn-eager"  # correctness reference: metafn's public API, uncompiled
-BASELINE = "metafn"  # ratio reference: the compiled step, as the JAX peer is jitted
+BASELINE = "metafn"  # ratio reference: the step as metafn runs it (bench.peers.variants)
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMEWORKS = ("metafn", "jax", "torch")
@@ -49,11 +50,13 @@ class WorkerError(RuntimeError):
 class Proc:
     """A running ``bench.worker`` process."""
 
-    def __init__(self, framework: str, env: dict[str, str], threads: int | None):
+    def __init__(self, framework: str, env: dict[str, str], threads: int | None,
+                 cpus: set[int] | None = None):
         self.framework = framework
         self.p = subprocess.Popen(
             [sys.executable, "-m", "bench.worker", framework, str(threads) if threads else "-"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO, env=env, text=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
         ready = self._read()
         if not ready.get("ok"):
@@ -80,6 +83,11 @@ class Proc:
             self.p.wait(timeout=30)
         except Exception:  # noqa: BLE001
             self.p.kill()
+
+
+def pinned(args: argparse.Namespace) -> set[int] | None:
+    """The CPUs ``--pin`` confines every worker process to (None: no pinning)."""
+    return set(args.pin) if args.pin else None
 
 
 def worker_env(framework: str, threads: int | None, extra: dict[str, str]) -> dict[str, str]:
@@ -142,6 +150,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None,
                     help="set OPENBLAS/OMP/MKL_NUM_THREADS and torch threads for every framework "
                          "(JAX: only 1 is supported, through XLA_FLAGS); default: library defaults")
+    ap.add_argument("--pin", default=None, metavar="CPUS",
+                    help="run every framework process on these CPUs only (comma-separated ids, "
+                         "e.g. 0): with --threads 1 and --pin 0 no library can use a second core "
+                         "(XLA's CPU runtime starts threads of its own despite XLA_FLAGS), and "
+                         "another job may use the other core")
     ap.add_argument("--metafn-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment for the metafn process only, e.g. "
                          "OPENBLAS_NUM_THREADS=1 (repeatable)")
@@ -156,6 +169,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "checks are written only when --out is given, so a check never "
                          "replaces the timed results)")
     args = ap.parse_args(argv)
+    if args.pin is not None:
+        try:
+            args.pin = sorted({int(c) for c in args.pin.split(",")})
+        except ValueError:
+            ap.error(f"--pin: expected comma-separated CPU ids such as 0 or 0,1, got {args.pin!r}")
+        available = os.sched_getaffinity(0)
+        if not set(args.pin) <= available:
+            ap.error(f"--pin: CPUs {args.pin} are not all available (this process may use "
+                     f"{sorted(available)})")
     if args.out is None and not args.check_only:
         args.out = str(REPO / "bench" / "results" / "speed.json")
     if args.quick:
@@ -211,16 +233,17 @@ def main(argv: list[str] | None = None) -> int:
                       "workload: build, 1 compiling call, --warmup calls, then --repeats timed "
                       "calls in round-robin turns of --batch (each turn preceded by one untimed "
                       "call); gc disabled while timing",
-            "ratio": f"runner median ms / {BASELINE} (mx.compile of the step) median ms: > 1 "
-                     "means metafn is faster",
-            "check_reference": f"{REFERENCE} (the same metafn call, uncompiled)",
+            "ratio": f"runner median ms / {BASELINE} median ms: > 1 means metafn is faster; "
+                     f"{BASELINE} is the step compiled or not by model as metafn runs it: {HEADLINE}",
+            "check_reference": "the metafn call uncompiled (metafn-eager, or metafn where that "
+                               "is the eager call)",
         },
         "frameworks": {}, "workloads": {}, "skipped": skipped,
     }
     try:
         for f in frameworks:
             print(f".. starting {f} worker", file=sys.stderr)
-            procs[f] = Proc(f, worker_env(f, args.threads, extra), args.threads)
+            procs[f] = Proc(f, worker_env(f, args.threads, extra), args.threads, pinned(args))
             info = procs[f].call(cmd="info")
             info.pop("ok")
             info["gemm_2048"] = {k: v for k, v in procs[f].call(cmd="gemm", n=2048, reps=5).items()
@@ -248,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
                     entry["flops"]["xla_cost_analysis_flops"] = xf
             # correctness: every runner against metafn's eager result
             ref_path = os.path.join(tmp.name, f"{w.id}-ref.npz")
-            procs["metafn"].call(cmd="check", workload=w.id, variant=REFERENCE, out=ref_path)
+            reference = reference_variant([v for f, v in runners[w.id] if f == "metafn"])
+            entry["check_reference"] = reference
+            procs["metafn"].call(cmd="check", workload=w.id, variant=reference, out=ref_path)
             ref = np.load(ref_path)
             ref_loss = float(ref["loss"])
             ref_leaves = [ref[f"g{i}"] for i in range(len(ref.files) - 1)]
@@ -269,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"grad rel err {detail.get('grad_rel_err', 0):.1e}", file=sys.stderr)
                 if not ok:
                     raise SystemExit(
-                        f"CORRECTNESS FAILURE: {w.id} {v} disagrees with {REFERENCE}: {detail}")
+                        f"CORRECTNESS FAILURE: {w.id} {v} disagrees with {reference}: {detail}")
             if "jax" in outputs and "torch" in outputs:  # peer against peer, for context
                 _, d = compare(*outputs["jax"], *outputs["torch"])
                 entry["check"]["torch_vs_jax"] = d
@@ -332,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 for fw, v in runners[w.id]:
                     if fw != f:
                         continue
-                    p = Proc(f, worker_env(f, args.threads, extra), args.threads)
+                    p = Proc(f, worker_env(f, args.threads, extra), args.threads, pinned(args))
                     try:
                         m = p.call(cmd="memory", workload=w.id, data=data_paths[w.id], variant=v,
                                    reps=2 if w.slow else 4)
@@ -402,8 +427,9 @@ def print_table(report: dict) -> None:
             print(f"    {wid}: {e['flops']['flops'] / 1e6:.1f} MFLOP per step (analytic count){xs}")
     print("\nmedian/min/max: wall-clock ms per step; cpu ms: median process CPU time per step (all "
           "threads; robust to other load for 1 thread, includes spin-waiting for several). x metafn "
-          "= median / metafn median (metafn: mx.compile of the step; metafn-eager: the same call "
-          "uncompiled): > 1 means metafn is faster. GFLOP/s from the median and the FLOP count; "
+          "= median / metafn median (metafn: the step as metafn runs it, mx.compile for MLP and BERT, "
+          "uncompiled for conv4 as its configs train; metafn-eager / metafn-compiled: the other "
+          "setting): > 1 means metafn is faster. GFLOP/s from the median and the FLOP count; "
           "%GEMM = that over the framework's peak 2048^3 GEMM rate; %GEMMcpu = "
           "the same with CPU time for both (per CPU-second of all threads: the roofline that load "
           "from other processes does not distort when a run uses one BLAS thread). peak MB: peak "

@@ -2,8 +2,10 @@
 
 The same workloads and data as ``python -m bench.speed`` (bench/peers; W4-W7 take a second or
 more per call, select with ``-k "W1 or W2 or W3"`` for a short run), metafn variants only:
-``mx.compile``-d (``metafn``; compiled before timing), uncompiled (``metafn-eager``) and the
-task batch split over two CPU streams (``metafn-streams2``, MAML / Reptile). Compare runs with
+``metafn`` (the step as metafn runs it: compiled for MLP and BERT, compiled before timing;
+uncompiled for conv4, see ``bench.peers.variants``), the other setting (``metafn-eager`` or
+``metafn-compiled``) and the task batch split over two CPU streams (``metafn-streams2``, MAML /
+Reptile). Compare runs with
 pytest-benchmark's own options, e.g. ``--benchmark-autosave`` then ``--benchmark-compare``.
 """
 

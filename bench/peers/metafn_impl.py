@@ -1,12 +1,14 @@
 """The workloads in metafn, through its public functions only.
 
-Variants: ``metafn`` is the step as a user writes it for speed, the whole call (loss, gradient
-and, for Reptile, the outer update) wrapped in ``mx.compile`` -- the counterpart of the JAX
-peer's ``jax.jit``; its first call traces and compiles, timings are steady state.
-``metafn-eager`` is the same call without ``mx.compile`` (the reference of the correctness
-check). ``metafn-streams2`` (MAML / Reptile) splits the task batch in two halves, each half's
-compiled step evaluated on its own MLX CPU stream -- every stream runs on its own thread, so
-the halves use both cores -- and averages the results by task count (the same mean).
+Variants: ``metafn`` is the step as metafn runs it for speed, compiled or not by model
+(``bench.peers.variants.HEADLINE``: the whole call -- loss, gradient and, for Reptile, the outer
+update -- in ``mx.compile`` for the MLP and BERT, the counterpart of the JAX peer's ``jax.jit``;
+uncompiled for conv4, as its configs train). The other setting is reported beside it as
+``metafn-eager`` or ``metafn-compiled``; the uncompiled call is the reference of the
+correctness check. ``metafn-streams2`` (MAML / Reptile) splits the
+task batch in two halves, each half's headline step evaluated on its own MLX CPU stream --
+every stream runs on its own thread, so the halves use both cores -- and averages the results
+by task count (the same mean).
 
 ``import metafn`` must come before any mlx import (fast BLAS preload, see metafn/_blas.py); the
 worker imports this module first in a fresh process.
@@ -22,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from bench.peers.runner import Runner
+from bench.peers.variants import HEADLINE
 from bench.peers.workloads import Workload, split_data
 from metafn import _blas
 from metafn.losses import mse_loss
@@ -31,7 +34,7 @@ from metafn.tasks.episode import Episode
 from metafn.tree import tree_map
 
 NAME = "metafn"
-VARIANTS = ("metafn", "metafn-eager", "metafn-streams2")
+VARIANTS = ("metafn", "metafn-eager", "metafn-compiled", "metafn-streams2")
 _STREAMS: list = []
 
 
@@ -122,13 +125,19 @@ def _to_numpy(out) -> tuple[float, list[np.ndarray]]:
     return float(out[0].item()), _mlp_leaves(out[1])
 
 
-def _variants(step_fn, args: tuple, to_numpy, split=None, note: str = "") -> dict[str, Runner]:
-    """``metafn`` (compiled), ``metafn-eager`` and, given ``split`` (the step with its task
-    batch split over streams), ``metafn-streams2`` runners of ``step_fn(*args)``."""
+def _variants(step_fn, args: tuple, to_numpy, headline: str, split_streams: bool = False,
+              note: str = "") -> dict[str, Runner]:
+    """Runners of ``step_fn(*args)``: ``metafn`` (the ``headline`` setting, ``"compiled"`` or
+    ``"eager"``), the other setting as ``metafn-eager`` / ``metafn-compiled`` and, with
+    ``split_streams``, ``metafn-streams2`` (the headline step with its task batch split over two
+    CPU streams, :func:`split_over_streams`)."""
     compiled = mx.compile(step_fn)
-    out = {"metafn": Runner(lambda: compiled(*args), _block, to_numpy, note),
-           "metafn-eager": Runner(lambda: step_fn(*args), _block, to_numpy, note)}
-    if split is not None:
+    fns = {"compiled": compiled, "eager": step_fn}
+    other = "eager" if headline == "compiled" else "compiled"
+    out = {"metafn": Runner(lambda: fns[headline](*args), _block, to_numpy, note),
+           f"metafn-{other}": Runner(lambda: fns[other](*args), _block, to_numpy, note)}
+    if split_streams:
+        split = split_over_streams(fns[headline], 2)
         out["metafn-streams2"] = Runner(lambda: split(*args), _block, to_numpy, note)
     return out
 
@@ -143,8 +152,7 @@ def _mlp_maml(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
         return maml_outer(loss_fn, p, Episode(sx, sy, qx, qy), w.inner_lr, w.steps,
                           first_order=w.first_order)
 
-    split = split_over_streams(mx.compile(step_fn), 2)
-    return _variants(step_fn, (params, *ep), _to_numpy, split)
+    return _variants(step_fn, (params, *ep), _to_numpy, HEADLINE["mlp"], split_streams=True)
 
 
 def _mlp_reptile(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
@@ -164,8 +172,13 @@ def _mlp_reptile(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
 
         return step_fn
 
+    out = _variants(with_update(pair), (params, *ep), _to_numpy, HEADLINE["mlp"])
+    # streams: the pair (loss, pseudo-gradient) per half of the tasks, one update after
+    assert HEADLINE["mlp"] == "compiled"
     split = with_update(split_over_streams(mx.compile(pair), 2))
-    return _variants(with_update(pair), (params, *ep), _to_numpy, split)
+    args = (params, *ep)
+    out["metafn-streams2"] = Runner(lambda: split(*args), _block, _to_numpy)
+    return out
 
 
 def _conv4_params(flat: list[np.ndarray]) -> dict:
@@ -200,8 +213,8 @@ def _conv4_maml(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
         return maml_outer(loss_fn, p, Episode(sx, sy, qx, qy), w.inner_lr, w.steps,
                           first_order=w.first_order)
 
-    split = split_over_streams(mx.compile(step_fn), 2)
-    return _variants(step_fn, (params, *ep), _conv4_to_numpy, split)
+    return _variants(step_fn, (params, *ep), _conv4_to_numpy, HEADLINE["conv4"],
+                     split_streams=True)
 
 
 def _conv4_protonet(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
@@ -224,7 +237,7 @@ def _conv4_protonet(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runne
                 "over (bench/peers/metafn_impl.py:_protonet_step)")
         step_fn = _protonet_step(w.n_way)
 
-    return _variants(step_fn, (params, *ep), _conv4_to_numpy, note=note)
+    return _variants(step_fn, (params, *ep), _conv4_to_numpy, HEADLINE["conv4"], note=note)
 
 
 def _protonet_step(n_way: int):
@@ -294,7 +307,7 @@ def _bert_lora(w: Workload, data: dict[str, np.ndarray]) -> dict[str, Runner]:
     def step_fn(tr, ids, mask, y):
         return mx.value_and_grad(loss)(tr, ids, mask, y)
 
-    return _variants(step_fn, (trainable, ids, mask, y), _lora_to_numpy)
+    return _variants(step_fn, (trainable, ids, mask, y), _lora_to_numpy, HEADLINE["bert"])
 
 
 BUILDERS = {("mlp", "maml"): _mlp_maml, ("mlp", "reptile"): _mlp_reptile,
