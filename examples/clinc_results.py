@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("results/clinc/standard.json"))
     ap.add_argument("--command", action="append", default=[],
                     help="a command that produced the runs (repeatable)")
+    ap.add_argument("--note", default="",
+                    help="appended to the protocol text (e.g. what extra data the rows use)")
+    ap.add_argument("--key-shots", action="store_true",
+                    help="key final rows by tag and shots (one run of --shots 5 10 per tag)")
     args = ap.parse_args(argv)
 
     selection = []
@@ -81,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     final: dict = {}
     for rec in read(args.final):  # "<tag>_more" records add draws to "<tag>"
         tag = rec["tag"].removesuffix("_more")
+        if args.key_shots:
+            tag = f"{tag}_{rec['shots']}shot"
         scores = rec.get("scores", {})
         e = final.setdefault(tag, {"tag": tag, "shots": rec["shots"], "config": config_of(rec),
                                    "args": rec["args"], "draws": [], "seconds_per_draw": [],
@@ -111,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
                      "intents drawn from the train split; accuracy on the 3,000 in-scope val "
                      "utterances; mean over K-shot draws. Hyperparameters and the scorer chosen "
                      "on a holdout carved from the train split (20 non-shot utterances per "
-                     "intent), never on val."),
+                     "intent), never on val." + (" " + args.note if args.note else "")),
         "encoder": "sentence-transformers/all-MiniLM-L6-v2 (frozen base, LoRA on layers split..5)",
         "commands": args.command,
         "aggregated_by": "python examples/clinc_results.py " + " ".join(
