@@ -186,7 +186,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def markdown_table(report: dict) -> str:
+    """The README's table of a results file: per workload the metafn headline and its other
+    setting, each peer, the peer / metafn ratios and the roofline (ms are medians)."""
+    head = ("| workload | metafn (ms) | metafn, other setting (ms) | JAX (ms) | torch.func (ms) "
+            "| JAX / metafn | torch / metafn | metafn % of GEMM (per CPU-s) | peak MB metafn / JAX / torch |")
+    rows = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for wid, e in report["workloads"].items():
+        r = e["runners"]
+        if "median_ms" not in r.get("metafn", {}):
+            continue
+        other = next((v for v in ("metafn-eager", "metafn-compiled") if v in r), None)
+
+        def ms(v: str | None) -> str:
+            if v not in r or "median_ms" not in r[v]:
+                return "-"
+            x = r[v]["median_ms"]
+            return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+        def ratio(v: str) -> str:
+            x = r.get(v, {}).get("ratio_vs_metafn")
+            return "-" if x is None else (f"**{x:.2f}**" if x < 1 else f"{x:.2f}")
+
+        def mb(v: str) -> str:
+            m = r.get(v, {}).get("memory", {}).get("peak_rss_delta_mb")
+            return "-" if m is None else f"{m:.0f}"
+
+        roof = (f"{100 * r['metafn']['gemm_fraction_cpu']:.1f}%"
+                if "gemm_fraction_cpu" in r["metafn"] else "-")
+        setting = other.split("-")[1] if other else ""
+        rows.append(f"| {wid} | {ms('metafn')} | {ms(other)} {setting} | {ms('jax')} | {ms('torch')} "
+                    f"| {ratio('jax')} | {ratio('torch')} | {roof} | {mb('metafn')} / {mb('jax')} / {mb('torch')} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--table"]:
+        if len(argv) != 2:
+            sys.exit("--table: expected one results file, e.g. --table bench/results/speed.json")
+        print(markdown_table(json.loads(Path(argv[1]).read_text())))
+        return 0
     args = parse_args(argv)
     extra = dict(kv.split("=", 1) for kv in args.metafn_env)
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]

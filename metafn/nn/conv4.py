@@ -50,7 +50,9 @@ second-order meta-gradient ``loop`` 3.4 s, a Python loop of per-task ``mx.value_
 2.8 s (it holds one task's graph at a time: 0.22 GB peak against 0.80 GB), ``im2col`` ~7 s,
 ``grouped`` ~105 s (MLX's CPU grouped convolution takes a slow path, ~25-30x a dense one).
 First order: 2.3 s / 2.2 s / ~9 s / ~80 s. ``mx.compile`` of the whole meta-gradient spent 7 min
-(second order) / 1 min (first order) compiling and then ran no faster.
+(second order) / 1 min (first order) compiling and then ran no faster. With the pooled-first
+:func:`conv_block` and one ``mx.split`` per parameter, ``loop`` takes 1.08 s on one idle core
+(1.15 s compiled; ``python -m bench.speed --threads 1 --pin 0``, 2026-12-05).
 """
 
 from __future__ import annotations
