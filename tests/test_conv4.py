@@ -12,7 +12,9 @@ from metafn.nn import (
     batch_norm, conv4_apply, conv4_batched_loss, conv4_embed, conv4_init, conv4_loss,
     conv4_task_logits, conv4_task_losses, max_pool_2x2,
 )
-from metafn.nn.conv4 import TASK_METHODS, conv3x3, conv4_feature_size, conv_block
+from metafn.nn.conv4 import (
+    TASK_METHODS, _patch_moments, _patches3x3, conv3x3, conv4_feature_size, conv_block,
+)
 from metafn.outer import maml_outer, task_batched
 from metafn.tasks import Episode
 from metafn.tree import tree_dot, tree_index, tree_map, tree_norm, tree_stack
@@ -112,24 +114,55 @@ def test_batch_norm_any_axes_matches_numpy_compiled_and_eager(shape, axes, stat_
     for e, c in zip(grad(x, g, b), mx.compile(grad)(x, g, b)):
         np.testing.assert_allclose(np.array(c), np.array(e), rtol=1e-4, atol=1e-5)
 
+def test_patch_moments_are_the_convolution_output_mean_and_variance():
+    """The patches times the flattened kernels are the convolution, and the patch moments give
+    the per-channel mean and biased variance of its output, also with a large offset in the
+    input (two passes: no cancellation)."""
+    ks = mx.random.split(mx.random.key(11), 2)
+    for offset in (0.0, 100.0):
+        x = mx.random.uniform(shape=(4, 9, 8, 2), key=ks[0]).astype(mx.float64) + offset
+        w = mx.random.normal((7, 3, 3, 2), key=ks[1]).astype(mx.float64)
+        z = np.array(conv3x3(x, w)).reshape(-1, 7)
+        p = _patches3x3(x).reshape(-1, 18)
+        np.testing.assert_allclose(np.array(p @ w.reshape(7, 18).T), z, rtol=1e-12, atol=1e-9)
+        mu, var = _patch_moments(p, w.reshape(7, 18))
+        np.testing.assert_allclose(np.array(mu), z.mean(0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(np.array(var), z.var(0), rtol=1e-9)
+
+
+def test_patch_moments_keep_float32_variance_accurate_on_binary_images():
+    """Strokes make neighbouring pixels correlated and the patch covariance ill-conditioned;
+    the moments still give the variance of float32 inputs to ~1e-7 (float32 accumulation lost
+    ~3e-5 here, enough to flip max-pool arg-maxes downstream)."""
+    ks = mx.random.split(mx.random.key(12), 2)
+    blobs = mx.random.uniform(shape=(5, 7, 7, 1), key=ks[0]) < 0.3
+    x = mx.repeat(mx.repeat(blobs, 4, axis=1), 4, axis=2).astype(mx.float32)  # 28x28 strokes
+    w = mx.random.uniform(-0.58, 0.58, (64, 3, 3, 1), key=ks[1])
+    z64 = np.array(conv3x3(x.astype(mx.float64), w.astype(mx.float64))).reshape(-1, 64)
+    _, var = _patch_moments(_patches3x3(x).reshape(-1, 9), w.reshape(64, 9))
+    assert var.dtype == mx.float32
+    assert np.max(np.abs(np.array(var) - z64.var(0)) / z64.var(0)) < 1e-6
+
+
+@pytest.mark.parametrize("c_in, c_out", [(2, 5), (1, 24)])  # (1, 24): patch-moment statistics
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float64])
-def test_conv_block_pooled_first_equals_the_block_in_definition_order(dtype):
+def test_conv_block_pooled_first_equals_the_block_in_definition_order(dtype, c_in, c_out):
     """conv_block pools before the batch-norm affine and the ReLU (and flips channels with
     gamma < 0 through the kernel's sign): value, gradient and the second-order term MAML uses
     match maxpool(relu(batch_norm(conv(x, w)))) for gammas of both signs; at gamma = 0 the values
     match (every pooled entry ties there, so the two orders pick different valid subgradients)."""
     ks = mx.random.split(mx.random.key(7), 4)
-    x = mx.random.normal((3, 9, 10, 2), key=ks[0]).astype(dtype)  # odd height: pool floors
-    w = mx.random.normal((5, 3, 3, 2), key=ks[1]).astype(dtype) * 0.3
-    gamma = mx.array([1.3, -0.7, 0.05, -2.0, 0.4], dtype=dtype)
-    beta = mx.random.normal((5,), key=ks[2]).astype(dtype)
-    r = mx.random.normal((3, 4, 5, 5), key=ks[3]).astype(dtype)
+    x = mx.random.normal((3, 9, 10, c_in), key=ks[0]).astype(dtype)  # odd height: pool floors
+    w = mx.random.normal((c_out, 3, 3, c_in), key=ks[1]).astype(dtype) * 0.3
+    gamma = mx.array(np.resize([1.3, -0.7, 0.05, -2.0, 0.4], c_out), dtype=dtype)
+    beta = mx.random.normal((c_out,), key=ks[2]).astype(dtype)
+    r = mx.random.normal((3, 4, 5, c_out), key=ks[3]).astype(dtype)
 
     def reference(x, w, g, b):
         return max_pool_2x2(mx.maximum(batch_norm(conv3x3(x, w), g, b, (0, 1, 2)), 0.0))
 
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == mx.float32 else dict(rtol=1e-10, atol=1e-12)
-    for g in (gamma, gamma * mx.array([1, 1, 0, 1, 1], dtype=dtype)):
+    for g in (gamma, gamma * mx.array(np.resize([1, 1, 0, 1, 1], c_out), dtype=dtype)):
         np.testing.assert_allclose(np.array(conv_block(x, w, g, beta)),
                                    np.array(reference(x, w, g, beta)), **tol)
 
