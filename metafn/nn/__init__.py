@@ -2,7 +2,7 @@
 
 from metafn.nn.conv4 import (
     batch_norm, conv3x3, conv4_apply, conv4_batched_loss, conv4_embed, conv4_init, conv4_loss,
-    conv4_task_embed, conv4_task_logits, conv4_task_losses, max_pool_2x2,
+    conv4_task_embed, conv4_task_logits, conv4_task_losses, conv_block, max_pool_2x2,
 )
 from metafn.nn.mlp import dense_apply, dense_init, mlp_apply, mlp_init
 
@@ -10,5 +10,5 @@ __all__ = [
     "dense_init", "dense_apply", "mlp_init", "mlp_apply",
     "conv4_init", "conv4_apply", "conv4_embed", "conv4_loss", "conv4_task_embed",
     "conv4_task_logits", "conv4_task_losses", "conv4_batched_loss", "batch_norm", "max_pool_2x2",
-    "conv3x3",
+    "conv3x3", "conv_block",
 ]

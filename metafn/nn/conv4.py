@@ -67,9 +67,9 @@ from metafn.outer import BatchedLoss, task_batched
 from metafn.tree import PyTree
 
 __all__ = [
-    "batch_norm", "max_pool_2x2", "conv3x3", "conv_block", "conv4_feature_size", "conv4_init", "conv4_embed",
-    "conv4_apply", "conv4_loss", "conv4_task_embed", "conv4_task_logits", "conv4_task_losses",
-    "conv4_batched_loss", "TASK_METHODS", "BN_EPS",
+    "batch_norm", "max_pool_2x2", "conv3x3", "conv_block", "conv4_feature_size", "conv4_init",
+    "conv4_embed", "conv4_apply", "conv4_loss", "conv4_task_embed", "conv4_task_logits",
+    "conv4_task_losses", "conv4_batched_loss", "TASK_METHODS", "BN_EPS",
 ]
 
 BN_EPS = 1e-5
@@ -368,6 +368,7 @@ def _task_features_grouped(params_t: Conv4Params, x: mx.array) -> mx.array:
     """Grouped-convolution form: tasks folded into channels ``(B, H, W, T C)`` throughout."""
     t, b, h, w, ci = x.shape
     z = x.transpose(1, 2, 3, 0, 4).reshape(b, h, w, t * ci)
+
     def grouped_conv(z: mx.array, w: mx.array) -> mx.array:
         return mx.conv2d(z, w, padding=1, groups=t)
 
