@@ -23,6 +23,18 @@ utterances of one intent as positives) before the classifier; ``--ensemble N`` a
 fine-tuned models (different seeds); ``--names`` adds each intent's name ("book flight") as
 one more training utterance (label semantics: not part of the plain K-shot protocol).
 
+Variants that use the train split's other utterances *without labels* (the unlabelled pool:
+train minus the shots minus the carved holdout; never val). Not the plain K-shot protocol;
+report them as their own rows:
+
+- ``--self-train M [M ...]`` scorers ``st@M``: the ``lr`` scorer pseudo-labels the pool, the
+  ``M`` most confident utterances per predicted intent are kept
+  (:func:`metafn.text_meta.pseudo_label`) and logistic regression is refitted on the tuned
+  embeddings of shots + pseudo-labels; ``--st-rounds R`` repeats it from the previous fit's
+  labels (``st@MrR``); ``--st-finetune M`` also fine-tunes the encoder on them (``stft-*``).
+- ``--init-adapter`` starts from an adapter pre-trained by ``clinc_pretrain.py`` (SimCSE on the
+  pool, no labels).
+
     python examples/clinc_standard.py --method proto logreg --shots 5 10 --draws 5
     python examples/clinc_standard.py --method lora --shots 5 --draws 1 --eval carve --lr 1e-3
     python examples/clinc_standard.py --method lora --shots 5 10 --draws 5 --eval val
@@ -33,6 +45,9 @@ logistic regression on the LoRA-tuned embeddings; add ``--names`` for the label-
     python examples/clinc_standard.py --method lora --eval both --carve 20 --shots 5 10 \
         --draws 5 --epochs 8 --lr 1e-3 --head-lr 1e-2 --scale 10 --ls 0.1 --token-drop 0.15 \
         --split 3 --r 8 --targets query,value
+
+Self-training variant (unlabelled train utterances; scorer ``st@80r2`` chosen on the holdout,
+results/clinc/semi_supervised.json): the same command with ``--self-train 80 --st-rounds 2``.
 """
 
 from __future__ import annotations
