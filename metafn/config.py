@@ -163,7 +163,13 @@ class AlgorithmConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The outer loop: meta-batch, optimizer, schedule, and how often to evaluate and save."""
+    """The outer loop: meta-batch, optimizer, schedule, and how often to evaluate and save.
+
+    ``val_n_way`` (protonet only): the number of ways of the validation episodes scored during
+    training (null: the training episodes' ``task.n_way``), so that e.g. a ProtoNet trained on
+    60-way episodes is validated, and its best checkpoint chosen, on 20-way ones like a run
+    trained 20-way. A method with a classification head is validated at its own ``n_way``.
+    """
 
     steps: int = 10000
     meta_batch_size: int = 25
@@ -176,11 +182,14 @@ class TrainConfig:
     eval_interval: int = 1000
     save_interval: int = 1000
     val_tasks: int = 200
+    val_n_way: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("steps", "meta_batch_size", "log_interval", "eval_interval", "save_interval", "val_tasks"):
             value = getattr(self, key)
             _require(value >= 1, f"train.{key}", "an int >= 1", value)
+        if self.val_n_way is not None:
+            _require(self.val_n_way >= 2, "train.val_n_way", "null or an int >= 2", self.val_n_way)
         _require(math.isfinite(self.outer_lr) and self.outer_lr > 0, "train.outer_lr",
                  "a finite float > 0", self.outer_lr)
         if self.clip_norm is not None:
@@ -264,6 +273,11 @@ class Config:
         if self.algorithm.name == "protonet":
             _require(self.task.n_way is not None, "algorithm.name",
                      "a classification family for protonet", self.task.family)
+        if self.train.val_n_way is not None:
+            _require(self.algorithm.name == "protonet", "train.val_n_way",
+                     f"null for {self.algorithm.name} (its classification head has task.n_way "
+                     f"outputs; only protonet can be validated at another number of ways)",
+                     self.train.val_n_way)
         if self.eval.pooled_batch_size is not None:
             _require(self.task.family == "omniglot", "eval.pooled_batch_size",
                      "null except for task.family omniglot (the toy families' pooled baseline "

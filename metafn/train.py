@@ -12,6 +12,7 @@ its checkpoint ends with the same parameters as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -34,7 +35,7 @@ from metafn.random import fold_in, key as make_key
 from metafn.tree import PyTree, tree_norm
 
 __all__ = ["TrainState", "TrainingDiverged", "make_optimizer", "init_train_state",
-           "make_meta_train_step", "train", "validation_score"]
+           "make_meta_train_step", "train", "validation_config", "validation_score"]
 
 INIT_STREAM, TRAIN_STREAM, EVAL_STREAM = 0, 1, 2
 
@@ -91,8 +92,24 @@ def make_meta_train_step(
     return meta_train_step
 
 
+def validation_config(config: Config) -> Config:
+    """``config`` with its task shaped as the training-time validation episodes.
+
+    ``train.val_n_way`` (protonet) replaces ``task.n_way``, as ``eval.n_way`` reshapes the
+    evaluation episodes (:func:`metafn.report.episode_config`); unset, ``config`` itself.
+    """
+    n_way = config.train.val_n_way
+    if n_way is None or n_way == config.task.n_way:
+        return config
+    return dataclasses.replace(config, task=dataclasses.replace(config.task, n_way=n_way))
+
+
 def validation_score(exp: Experiment, config: Config, meta: PyTree, run_key: mx.array) -> dict[str, float]:
     """Query loss/accuracy after ``inner_steps`` adaptation on the fixed validation tasks.
+
+    ``exp`` samples the validation episodes: ``build_experiment(validation_config(config))``.
+    The tasks depend only on ``config.seed``, the episode shape, ``train.val_tasks`` and
+    ``eval.chunk``, so two runs validated at the same shape see the same episodes.
 
     With a multi-step meta-objective (``step_weights`` / ``multi_step_loss``) ``val_loss`` is that
     objective on the validation tasks, ``sum_s w_s L_s / sum_s w_s`` over the query losses ``L_s``
@@ -153,6 +170,8 @@ def train(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     exp = build_experiment(config)
+    val_config = validation_config(config)
+    val_exp = exp if val_config is config else build_experiment(val_config)
     optimizer = make_optimizer(config)
     state = init_train_state(exp, config, optimizer)
     run_key = make_key(config.seed)
@@ -216,7 +235,7 @@ def train(
                 logf.write(json.dumps(record) + "\n")
                 logf.flush()
             if step % config.train.eval_interval == 0 or step == total:
-                scores = validation_score(exp, config, state.meta, run_key)
+                scores = validation_score(val_exp, config, state.meta, run_key)
                 logf.write(json.dumps({"step": step, **scores}) + "\n")
                 logf.flush()
                 if _better(scores, best):

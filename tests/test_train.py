@@ -230,3 +230,67 @@ def test_validation_score_is_the_weighted_multi_step_objective():
     l1, l2 = float(loss[1].mean()), float(loss[2].mean())
     assert scores["val_loss"] == pytest.approx((3 * l1 + l2) / 4, rel=1e-6)
     assert scores["val_loss_last"] == pytest.approx(l2, rel=1e-6)
+
+
+def protonet_config(n_way, val_n_way=None, algorithm="protonet"):
+    """A tiny linear2d config (``n_way`` classes) validated at ``val_n_way`` ways if given."""
+    data = json.loads(json.dumps(SMALL))
+    data["task"] = {"family": "linear2d", "n_way": n_way, "k_shot": 2, "n_query": 3}
+    data["algorithm"] = {"name": algorithm}
+    data["train"].update(steps=4, eval_interval=4, save_interval=4)
+    if val_n_way is not None:
+        data["train"]["val_n_way"] = val_n_way
+    return config_from_dict(data)
+
+
+def logged_validation(out_dir):
+    return [r for r in strip_times((out_dir / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+
+
+def test_val_n_way_validates_on_episodes_of_that_many_ways(tmp_path):
+    from metafn.experiment import build_experiment
+    from metafn.random import key
+    from metafn.train import validation_config, validation_score
+
+    config = protonet_config(6, val_n_way=3)
+    val_config = validation_config(config)
+    assert (val_config.task.n_way, config.task.n_way) == (3, 6)
+    episodes = build_experiment(val_config).sample(key(0), "val", 2)
+    assert episodes.support_y.shape == (2, 3 * 2) and set(np.array(episodes.support_y).ravel()) == {0, 1, 2}
+    state, _ = train(config, tmp_path / "run", progress=False, log=lambda s: None)
+    (logged,) = logged_validation(tmp_path / "run")
+    # the episodes and scores of a run trained and validated 3-way, not those of 6-way episodes
+    three_way = protonet_config(3)
+    at_three = validation_score(build_experiment(three_way), three_way, state.meta, key(config.seed))
+    at_six = validation_score(build_experiment(config), config, state.meta, key(config.seed))
+    assert logged["val_loss"] == pytest.approx(at_three["val_loss"], rel=1e-6)
+    assert logged["val_accuracy"] == pytest.approx(at_three["val_accuracy"], rel=1e-6)
+    assert logged["val_loss"] != pytest.approx(at_six["val_loss"], rel=1e-3)
+
+
+def test_without_val_n_way_validation_uses_the_training_ways(tmp_path):
+    from metafn.experiment import build_experiment
+    from metafn.random import key
+    from metafn.train import validation_config, validation_score
+
+    config = protonet_config(6)
+    assert validation_config(config) is config
+    assert validation_config(protonet_config(6, val_n_way=6)).task == config.task
+    state, _ = train(config, tmp_path / "run", progress=False, log=lambda s: None)
+    (logged,) = logged_validation(tmp_path / "run")
+    at_six = validation_score(build_experiment(config), config, state.meta, key(config.seed))
+    assert logged["val_loss"] == pytest.approx(at_six["val_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("value, algorithm, expected", [
+    (1, "protonet", "null or an int >= 2"),
+    ("20", "protonet", "int or null"),
+    (3, "maml", "null for maml"),
+    (3, "metasgd", "null for metasgd"),
+])
+def test_bad_val_n_way_errors_name_the_key(value, algorithm, expected):
+    from metafn.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^train\.val_n_way: ") as info:
+        protonet_config(6, val_n_way=value, algorithm=algorithm)
+    assert expected in str(info.value)
