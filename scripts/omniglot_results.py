@@ -47,6 +47,14 @@ ROWS: dict[str, tuple[str, str]] = {
                     f"--out /work/runs/omniglot_pn60/eval_{name} --no-baselines{flags}")
        for name, flags in (("5way", ""), ("20way", " --set eval.n_way=20 --set eval.n_tasks=600"),
                            ("20way_within", " --set eval.n_way=20 --set eval.n_tasks=600 --set eval.within_alphabet=true"))},
+    **{f"protonet_60way_trainval_{name}.json": (
+        "protonet", "taskset -c 0 env OPENBLAS_NUM_THREADS=1 metafn train --config configs/omniglot_protonet_60way.yaml "
+                    "--out /work/runs/pn60_trainval/run --no-eval --no-progress --set task.train_on_val=true "
+                    "--set train.eval_interval=4000; taskset -c 0 env OPENBLAS_NUM_THREADS=1 metafn eval --checkpoint "
+                    f"/work/runs/pn60_trainval/run/last.safetensors --out /work/runs/pn60_trainval/eval_{name} "
+                    f"--no-baselines{flags}")
+       for name, flags in (("5way", ""), ("20way", " --set eval.n_way=20 --set eval.n_tasks=600"),
+                           ("20way_within", " --set eval.n_way=20 --set eval.n_tasks=600 --set eval.within_alphabet=true"))},
     "maml_5way.json": ("maml", "metafn train --config configs/omniglot_maml.yaml --out runs/omniglot_maml --no-eval; "
                        "metafn eval --checkpoint runs/omniglot_maml/best.safetensors --no-baselines"),
     "maml_noaug_5way.json": ("maml", "metafn train --config configs/omniglot_maml.yaml --out runs/omniglot_maml_noaug "
@@ -86,6 +94,9 @@ LABELS: dict[str, str] = {"maml_noaug_5way.json": "maml, no augmentation",
                           **{f"protonet_trainval_{n}.json": "protonet, train + val alphabets (final fit)"
                              for n in ("5way", "20way", "20way_within")},
                           **{f"protonet_60way_{n}.json": "protonet, 60-way training"
+                             for n in ("5way", "20way", "20way_within")},
+                          **{f"protonet_60way_trainval_{n}.json":
+                             "protonet, 60-way, train + val alphabets (final fit)"
                              for n in ("5way", "20way", "20way_within")},
                           "mamlpp_trainval_5way.json": "mamlpp, train + val alphabets (final fit)",
                           "reptile_fullbatch_5way.json": "reptile, full-batch inner steps"}
