@@ -55,6 +55,14 @@ ROWS: dict[str, tuple[str, str]] = {
                     f"--no-baselines{flags}")
        for name, flags in (("5way", ""), ("20way", " --set eval.n_way=20 --set eval.n_tasks=600"),
                            ("20way_within", " --set eval.n_way=20 --set eval.n_tasks=600 --set eval.within_alphabet=true"))},
+    **{f"protonet_60way_6500_{name}.json": (
+        "protonet", "taskset -c 1 env OPENBLAS_NUM_THREADS=1 metafn train --config configs/omniglot_protonet_60way.yaml "
+                    "--out /work/runs/pn60_6500/run --no-eval --no-progress --set train.steps=6500 "
+                    "--set train.eval_interval=650 --set train.save_interval=650; metafn eval --checkpoint "
+                    f"/work/runs/pn60_6500/run/best.safetensors --out /work/runs/pn60_6500/eval_{name} "
+                    f"--no-baselines{flags}")
+       for name, flags in (("5way", ""), ("20way", " --set eval.n_way=20 --set eval.n_tasks=600"),
+                           ("20way_within", " --set eval.n_way=20 --set eval.n_tasks=600 --set eval.within_alphabet=true"))},
     "maml_5way.json": ("maml", "metafn train --config configs/omniglot_maml.yaml --out runs/omniglot_maml --no-eval; "
                        "metafn eval --checkpoint runs/omniglot_maml/best.safetensors --no-baselines"),
     "maml_noaug_5way.json": ("maml", "metafn train --config configs/omniglot_maml.yaml --out runs/omniglot_maml_noaug "
@@ -94,6 +102,8 @@ LABELS: dict[str, str] = {"maml_noaug_5way.json": "maml, no augmentation",
                           **{f"protonet_trainval_{n}.json": "protonet, train + val alphabets (final fit)"
                              for n in ("5way", "20way", "20way_within")},
                           **{f"protonet_60way_{n}.json": "protonet, 60-way training"
+                             for n in ("5way", "20way", "20way_within")},
+                          **{f"protonet_60way_6500_{n}.json": "protonet, 60-way training, 6500 steps"
                              for n in ("5way", "20way", "20way_within")},
                           **{f"protonet_60way_trainval_{n}.json":
                              "protonet, 60-way, train + val alphabets (final fit)"
