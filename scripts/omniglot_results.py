@@ -21,6 +21,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: the three ProtoNet test protocols: results-file suffix -> ``metafn eval`` flags
+PROTOCOLS: tuple[tuple[str, str], ...] = (
+    ("5way", ""), ("20way", " --set eval.n_way=20 --set eval.n_tasks=600"),
+    ("20way_within", " --set eval.n_way=20 --set eval.n_tasks=600 --set eval.within_alphabet=true"))
+
 #: results file (under results/omniglot/) -> (algorithm, commands that produced it)
 ROWS: dict[str, tuple[str, str]] = {
     "protonet_5way.json": ("protonet", "metafn train --config configs/omniglot_protonet.yaml --out runs/omniglot_protonet --no-eval; "
@@ -38,31 +43,27 @@ ROWS: dict[str, tuple[str, str]] = {
         "protonet", "metafn train --config configs/omniglot_protonet.yaml --out runs/omniglot_protonet_trainval --no-eval "
                     "--set task.train_on_val=true --set train.eval_interval=7000; metafn eval --checkpoint "
                     f"runs/omniglot_protonet_trainval/last.safetensors --no-baselines{flags}")
-       for name, flags in (("5way", ""), ("20way", " --set eval.n_way=20 --set eval.n_tasks=600"),
-                           ("20way_within", " --set eval.n_way=20 --set eval.n_tasks=600 --set eval.within_alphabet=true"))},
+       for name, flags in PROTOCOLS},
     **{f"protonet_60way_{name}.json": (
         "protonet", "taskset -c 0 env OPENBLAS_NUM_THREADS=1 metafn train --config configs/omniglot_protonet_60way.yaml "
                     "--out /work/runs/omniglot_pn60/run --no-eval --no-progress; taskset -c 0 env OPENBLAS_NUM_THREADS=1 "
                     "metafn eval --checkpoint /work/runs/omniglot_pn60/run/best.safetensors "
                     f"--out /work/runs/omniglot_pn60/eval_{name} --no-baselines{flags}")
-       for name, flags in (("5way", ""), ("20way", " --set eval.n_way=20 --set eval.n_tasks=600"),
-                           ("20way_within", " --set eval.n_way=20 --set eval.n_tasks=600 --set eval.within_alphabet=true"))},
+       for name, flags in PROTOCOLS},
     **{f"protonet_60way_trainval_{name}.json": (
         "protonet", "taskset -c 0 env OPENBLAS_NUM_THREADS=1 metafn train --config configs/omniglot_protonet_60way.yaml "
                     "--out /work/runs/pn60_trainval/run --no-eval --no-progress --set task.train_on_val=true "
                     "--set train.eval_interval=4000; taskset -c 0 env OPENBLAS_NUM_THREADS=1 metafn eval --checkpoint "
                     f"/work/runs/pn60_trainval/run/last.safetensors --out /work/runs/pn60_trainval/eval_{name} "
                     f"--no-baselines{flags}")
-       for name, flags in (("5way", ""), ("20way", " --set eval.n_way=20 --set eval.n_tasks=600"),
-                           ("20way_within", " --set eval.n_way=20 --set eval.n_tasks=600 --set eval.within_alphabet=true"))},
+       for name, flags in PROTOCOLS},
     **{f"protonet_60way_6500_{name}.json": (
         "protonet", "taskset -c 1 env OPENBLAS_NUM_THREADS=1 metafn train --config configs/omniglot_protonet_60way.yaml "
                     "--out /work/runs/pn60_6500/run --no-eval --no-progress --set train.steps=6500 "
                     "--set train.eval_interval=650 --set train.save_interval=650; metafn eval --checkpoint "
                     f"/work/runs/pn60_6500/run/best.safetensors --out /work/runs/pn60_6500/eval_{name} "
                     f"--no-baselines{flags}")
-       for name, flags in (("5way", ""), ("20way", " --set eval.n_way=20 --set eval.n_tasks=600"),
-                           ("20way_within", " --set eval.n_way=20 --set eval.n_tasks=600 --set eval.within_alphabet=true"))},
+       for name, flags in PROTOCOLS},
     "maml_5way.json": ("maml", "metafn train --config configs/omniglot_maml.yaml --out runs/omniglot_maml --no-eval; "
                        "metafn eval --checkpoint runs/omniglot_maml/best.safetensors --no-baselines"),
     "maml_noaug_5way.json": ("maml", "metafn train --config configs/omniglot_maml.yaml --out runs/omniglot_maml_noaug "
