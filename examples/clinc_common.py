@@ -30,6 +30,16 @@ QV = ("query", "value")
 CACHED_STATE_METHODS = ("lora", "dora", "adalora", "qlora", "prefix", "bitfit", "full")
 
 
+def log(msg: str) -> None:
+    """Print ``msg`` with a wall-clock time stamp, flushed (the examples' progress lines)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse_targets(spec: str) -> str | tuple[str, ...]:
+    """A ``--targets`` option: ``"all-linear"`` or comma-separated module names."""
+    return "all-linear" if spec == "all-linear" else tuple(spec.split(","))
+
+
 def peft_method(name: str, r: int = 8, alpha: float = 16.0, targets: Sequence[str] = QV,
                 n_tokens: int = 10) -> peft.PeftMethod | None:
     """The PEFT method ``name`` as the CLINC examples and ``bench.peft_bench`` configure it (one

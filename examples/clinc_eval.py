@@ -31,7 +31,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from clinc_common import (CACHED_STATE_METHODS, DEFAULT_CACHE, episode_accuracies,  # noqa: E402
-                          episode_rows, load_all, peft_method)
+                          episode_rows, load_all, log, peft_method)
 from metafn import text_meta as tm  # noqa: E402
 from metafn.checkpoint import load_checkpoint  # noqa: E402
 from metafn.evaluate import mean_ci  # noqa: E402
@@ -76,9 +76,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--out", type=Path, default=Path("/work/runs/clinc/cross_domain.json"))
     args = ap.parse_args(argv)
-
-    def log(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     data, caches, (cfg, params, _) = load_all((args.split,), args.cache, which=("train",), log=log)
     tr = caches["train"]

@@ -35,7 +35,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from clinc_common import (CACHED_STATE_METHODS, DEFAULT_CACHE, episode_accuracies,  # noqa: E402
-                          episode_rows, load_all, peft_method)
+                          episode_rows, load_all, log, peft_method)
 from metafn import text_meta as tm  # noqa: E402
 from metafn.checkpoint import save_checkpoint  # noqa: E402
 from metafn.evaluate import mean_ci  # noqa: E402
@@ -75,9 +75,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     logf = open(args.out / "log.jsonl", "a")
-
-    def log(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     def record(rec: dict) -> None:
         logf.write(json.dumps(rec) + "\n")

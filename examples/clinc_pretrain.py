@@ -27,7 +27,7 @@ import metafn  # noqa: E402,F401
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from clinc_common import DEFAULT_CACHE, few_shot_rows, load_all  # noqa: E402
+from clinc_common import DEFAULT_CACHE, few_shot_rows, load_all, log, parse_targets  # noqa: E402
 from metafn import peft  # noqa: E402
 from metafn import text_meta as tm  # noqa: E402
 from metafn.random import fold_in  # noqa: E402
@@ -66,14 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
 
-    def log(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
     data, caches, (bcfg, bparams, _) = load_all((args.split,), args.cache, which=("train",), log=log)
     tr = caches["train"]
     rows = pool_rows(data, tr, args.exclude, args.carve, args.seed)
     log(f"pool: {len(rows)} of {len(tr.labels)} train utterances (excluded holdouts {args.exclude})")
-    targets = "all-linear" if args.targets == "all-linear" else tuple(args.targets.split(","))
+    targets = parse_targets(args.targets)
     lcfg = peft.LoraConfig(r=args.r, alpha=args.alpha, target_modules=targets)
     model = tm.text_model(bparams, bcfg, peft.lora_method(lcfg, unmerged=True), args.split)
     adapter = tm.meta_init(model, mx.random.key(args.seed)).adapter

@@ -64,7 +64,7 @@ import metafn  # noqa: E402,F401
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from clinc_common import DEFAULT_CACHE, few_shot_rows, load_all  # noqa: E402
+from clinc_common import DEFAULT_CACHE, few_shot_rows, load_all, log, parse_targets  # noqa: E402
 from metafn import peft  # noqa: E402
 from metafn import text_meta as tm  # noqa: E402
 from metafn.random import fold_in  # noqa: E402
@@ -79,7 +79,7 @@ def mean_ci(values: np.ndarray) -> tuple[float, float]:
 
 
 def make_method(name: str, args: argparse.Namespace) -> peft.PeftMethod | None:
-    targets = "all-linear" if args.targets == "all-linear" else tuple(args.targets.split(","))
+    targets = parse_targets(args.targets)
     if name == "lora":
         return peft.lora_method(peft.LoraConfig(r=args.r, alpha=args.alpha, dropout=args.dropout,
                                                 target_modules=targets), unmerged=True)
@@ -174,9 +174,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("/work/runs/clinc/standard.jsonl"))
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
-
-    def log(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     global _MODEL
     data, caches, (bcfg, bparams, tok) = load_all((args.split,), args.cache, log=log)
