@@ -24,6 +24,7 @@ __all__ = [
 
 FAMILIES = ("sine", "linear2d", "xor", "circles", "spirals", "omniglot")
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "mamlpp", "pooled", "protonet")
+INNER_OPTIMIZERS = ("sgd", "adam")  # metafn.inner.INNER_OPTIMIZERS (config imports no mlx)
 
 
 class ConfigError(ValueError):
@@ -130,6 +131,11 @@ class AlgorithmConfig:
     ``inner_batches`` (reptile only): deal each task's support + query examples into this many
     interleaved minibatches, one per inner step in turn (:func:`metafn.outer.reptile_grad`);
     1 is full-batch.
+
+    ``inner_optimizer`` (reptile only): the inner loop's update, ``sgd`` (``theta - inner_lr *
+    g``) or ``adam`` (Adam with ``inner_beta1``, ``inner_beta2``, ``inner_eps``, a fresh state
+    for every task; :func:`metafn.inner.inner_step`), as in Nichol et al. 2018 (Adam, beta1 = 0,
+    rate 1e-3). Validation during training and fine-tuning at evaluation use the same rule.
     """
 
     name: str = "maml"
@@ -139,6 +145,10 @@ class AlgorithmConfig:
     step_weights: tuple[float, ...] | None = None
     first_order: bool = False
     inner_batches: int = 1
+    inner_optimizer: str = "sgd"
+    inner_beta1: float = 0.9
+    inner_beta2: float = 0.999
+    inner_eps: float = 1e-8
 
     def __post_init__(self) -> None:
         _require(self.name in ALGORITHMS, "algorithm.name", f"one of {list(ALGORITHMS)}", self.name)
@@ -154,6 +164,20 @@ class AlgorithmConfig:
         _require(self.inner_batches >= 1, "algorithm.inner_batches", "an int >= 1", self.inner_batches)
         _require(self.inner_batches == 1 or self.name == "reptile", "algorithm.inner_batches",
                  f"1 for {self.name} (only reptile reads it)", self.inner_batches)
+        _require(self.inner_optimizer in INNER_OPTIMIZERS, "algorithm.inner_optimizer",
+                 f"one of {list(INNER_OPTIMIZERS)}", self.inner_optimizer)
+        _require(self.inner_optimizer == "sgd" or self.name == "reptile", "algorithm.inner_optimizer",
+                 f"sgd for {self.name} (only reptile has another inner rule)", self.inner_optimizer)
+        for key in ("inner_beta1", "inner_beta2"):
+            value = getattr(self, key)
+            _require(0.0 <= value < 1.0, f"algorithm.{key}", "a float in [0, 1)", value)
+        _require(math.isfinite(self.inner_eps) and self.inner_eps > 0, "algorithm.inner_eps",
+                 "a finite float > 0", self.inner_eps)
+        if self.inner_optimizer != "adam":
+            for key, default in (("inner_beta1", 0.9), ("inner_beta2", 0.999), ("inner_eps", 1e-8)):
+                _require(getattr(self, key) == default, f"algorithm.{key}",
+                         f"its default {default} unless inner_optimizer is adam (only adam reads it)",
+                         getattr(self, key))
         if self.step_weights is not None:
             _require(len(self.step_weights) == self.inner_steps and all(w >= 0 for w in self.step_weights)
                      and sum(self.step_weights) > 0, "algorithm.step_weights",

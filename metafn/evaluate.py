@@ -1,7 +1,7 @@
 """Held-out evaluation: adaptation curves with 95% confidence intervals, and baselines.
 
 For a batch of test tasks, ``adaptation_curve`` fine-tunes from the given initialization with
-plain SGD on each task's support set and records the query loss (and accuracy) after
+plain SGD (or another inner rule: ``rule``) on each task's support set and records the query loss (and accuracy) after
 ``0, 1, ..., S`` steps, or only after the steps named in ``score_at`` (the rest are NaN rows):
 scoring the query set costs more than a fine-tuning step on images (75 queries against 5
 support images in a 5-way 1-shot episode), so scoring only the reported budgets makes an
@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from metafn.experiment import Experiment, learned_inner_rates, model_params, task_losses
+from metafn.inner import InnerRule, inner_init, inner_step
 from metafn.losses import accuracy, cross_entropy, mse
 from metafn.outer import batched_adapt, embed_tasks, protonet_logits
 from metafn.random import fold_in
@@ -55,9 +56,12 @@ def _check_score_at(score_at: frozenset[int] | None, steps: int) -> None:
 
 def adaptation_curve(
     exp: Experiment, meta: PyTree, episodes: Episode, steps: int, lr: float | None,
-    score_at: frozenset[int] | None = None,
+    score_at: frozenset[int] | None = None, rule: InnerRule | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Query loss (and accuracy) per task after 0..steps SGD steps: arrays ``(steps+1, T)``.
+
+    ``rule`` (:class:`~metafn.inner.InnerRule`; ``None``: SGD) is the fine-tuning step's update,
+    e.g. the inner Adam a Reptile model was meta-trained with; its state starts afresh per task.
 
     ``score_at`` (a set of steps in ``0..steps``) scores the query set only after those steps;
     the other rows are NaN, and no step after the last scored one is taken. ``None``: every step.
@@ -74,6 +78,12 @@ def adaptation_curve(
     tasks = episodes.support_x.shape[0]
     params_t = tree_broadcast(model_params(meta), tasks)
     last = steps if score_at is None else max(score_at)
+    use_rule = rule is not None and rule.name != "sgd"
+    if use_rule:
+        if lr is None:
+            raise ValueError(f"rule: {rule.name} fine-tuning needs a rate lr, not learned rates")
+        state = inner_init(rule, params_t)
+        grad_fn = mx.grad(lambda p: mx.sum(losses.fn(p, episodes.support_x, episodes.support_y)))
     unscored = np.full(tasks, np.nan, dtype=np.float32)
     loss_rows, acc_rows = [], []
     for k in range(steps + 1):
@@ -89,6 +99,10 @@ def adaptation_curve(
                 acc_rows.append(np.array(acc))
         if k < last:
             rate = learned_inner_rates(meta, k) if lr is None else lr
+            if use_rule:
+                params_t, state = inner_step(rule, params_t, grad_fn(params_t), state, rate)
+                mx.eval(params_t, state)
+                continue
             params_t = batched_adapt(
                 losses, params_t, episodes.support_x, episodes.support_y, 1, rate, first_order=True
             )
@@ -123,9 +137,10 @@ def curve_over_tasks(
     chunk: int,
     scorer: str = "adapt",
     score_at: frozenset[int] | None = None,
+    rule: InnerRule | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Curves over ``n_tasks`` tasks of ``split`` sampled in chunks; arrays ``(S+1, n_tasks)``
-    (``score_at``: as :func:`adaptation_curve`).
+    (``score_at``, ``rule``: as :func:`adaptation_curve`).
 
     The tasks depend only on ``key``, ``split`` and the chunking, so every method evaluated with
     the same arguments sees the same tasks (paired comparison).
@@ -137,7 +152,7 @@ def curve_over_tasks(
         if scorer == "protonet":
             loss, acc = protonet_scores(exp, model_params(meta), eps)
         else:
-            loss, acc = adaptation_curve(exp, meta, eps, steps, lr, score_at)
+            loss, acc = adaptation_curve(exp, meta, eps, steps, lr, score_at, rule)
         losses.append(loss)
         if acc is not None:
             accs.append(acc)

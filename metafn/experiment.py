@@ -17,6 +17,7 @@ from typing import Any, Callable, NamedTuple
 import mlx.core as mx
 
 from metafn.config import AlgorithmConfig, Config
+from metafn.inner import InnerRule
 from metafn.losses import cross_entropy, mse
 from metafn.nn.mlp import mlp_apply, mlp_init
 from metafn.optim import GradientTransformation, apply_updates
@@ -29,7 +30,7 @@ from metafn.tree import PyTree
 
 __all__ = ["Experiment", "build_experiment", "task_losses", "init_meta", "meta_gradient",
            "model_params", "learned_inner_rates", "LEARNED_RATE_ALGORITHMS", "PooledTask",
-           "build_pooled_task", "pooled_update", "with_zero_head", "with_n_way_head"]
+           "build_pooled_task", "pooled_update", "with_zero_head", "with_n_way_head", "inner_rule"]
 
 LEARNED_RATE_ALGORITHMS = ("metasgd", "mamlpp")
 """Algorithms whose meta-parameters carry their own inner rates (used again at evaluation)."""
@@ -180,6 +181,13 @@ def learned_inner_rates(meta: PyTree, step: int) -> PyTree | None:
     return None
 
 
+def inner_rule(algorithm: AlgorithmConfig) -> InnerRule:
+    """The inner loop's update rule of ``algorithm`` (``inner_optimizer`` and Adam's constants),
+    used in meta-training, in validation during training and in fine-tuning at evaluation."""
+    return InnerRule(algorithm.inner_optimizer, algorithm.inner_beta1, algorithm.inner_beta2,
+                     algorithm.inner_eps)
+
+
 def step_loss_weights(algorithm: AlgorithmConfig) -> tuple[float, ...] | None:
     """Weights ``w_1..w_S`` of the query loss after each inner step in the meta-objective
     (``step_weights``, or uniform with ``multi_step_loss``); ``None``: only the last step counts."""
@@ -206,8 +214,8 @@ def meta_gradient(
     if name == "fomaml":
         return lambda meta, eps: maml_outer(losses, meta, eps, lr, steps, True, weights)
     if name == "reptile":
-        batches = algorithm.inner_batches
-        return lambda meta, eps: reptile_grad(losses, meta, eps, lr, steps, batches)
+        batches, rule = algorithm.inner_batches, inner_rule(algorithm)
+        return lambda meta, eps: reptile_grad(losses, meta, eps, lr, steps, batches, rule)
     if name == "metasgd":
         return lambda meta, eps: metasgd_outer(losses, meta, eps, steps)
     if name == "mamlpp":

@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple
 
 import mlx.core as mx
 
-from metafn.inner import LearningRate, check_lr
+from metafn.inner import InnerRule, LearningRate, check_inner_rule, check_lr, inner_init, inner_step
 from metafn.losses import LossFn
 from metafn.tasks.episode import Episode, check_episode_batch
 from metafn.tree import (
@@ -195,6 +195,7 @@ def reptile_grad(
     inner_lr: LearningRate,
     steps: int,
     inner_batches: int = 1,
+    inner_rule: InnerRule | None = None,
 ) -> tuple[mx.array, PyTree]:
     """Reptile's pseudo-gradient ``theta - mean_t theta'_t`` and the mean loss of the last inner step.
 
@@ -206,6 +207,11 @@ def reptile_grad(
     ``E[H_i g_j]``, ``i != j``: on one batch it only rewards a large gradient on the data just seen.
     Their Omniglot recipe is 5 steps over 5 minibatches of 10 (``n = 50``, ``B = 5``).
     ``sgd(beta)`` applied to the direction is exactly :func:`reptile_outer`.
+
+    ``inner_rule`` (:class:`~metafn.inner.InnerRule`; ``None``: SGD) is the inner step's update;
+    an ``adam`` rule starts from a fresh state for every task and meta-step (each task's moments
+    are its own, stacked on the task axis), as in Nichol et al.'s Omniglot runs (Adam, ``beta1 =
+    0``), except that their code keeps Adam's moments from task to task.
 
     The loss returned is the mean over tasks of the last inner step's minibatch loss, at the
     weights before that step (free: it is the value of the gradient that step takes).
@@ -220,15 +226,21 @@ def reptile_grad(
     if isinstance(inner_batches, bool) or not isinstance(inner_batches, int) or not 1 <= inner_batches <= n:
         raise ValueError(f"inner_batches: expected an int in 1..{n} (the examples of a task's support "
                          f"and query sets), got {inner_batches!r}")
+    use_rule = inner_rule is not None and inner_rule.name != "sgd"
+    if inner_rule is not None:
+        check_inner_rule(inner_rule)
     step = mx.value_and_grad(lambda p, xb, yb: mx.sum(batched.fn(p, xb, yb)))
     scalar_lr = isinstance(inner_lr, (int, float, mx.array))
     adapted = tree_broadcast(params, tasks)
+    state = inner_init(inner_rule, adapted) if use_rule else ()
     loss = mx.sum(batched.fn(adapted, x, y)) if steps == 0 else None
     for s in range(steps):
         b = s % inner_batches
         loss, g = step(adapted, x[:, b::inner_batches], y[:, b::inner_batches])
         g = tree_map(mx.stop_gradient, g)
-        if scalar_lr:
+        if use_rule:
+            adapted, state = inner_step(inner_rule, adapted, g, state, inner_lr)
+        elif scalar_lr:
             adapted = tree_map(lambda p, d: p - inner_lr * d, adapted, g)
         else:
             adapted = tree_map(lambda p, d, a: p - a * d, adapted, g, inner_lr)

@@ -40,7 +40,7 @@ from metafn.config import Config, config_to_dict
 from metafn.evaluate import curve_over_tasks, select_lr, summarize_curve
 from metafn.experiment import (
     LEARNED_RATE_ALGORITHMS, Experiment, build_experiment, build_pooled_task, init_meta,
-    pooled_update, with_n_way_head, with_zero_head,
+    inner_rule, pooled_update, with_n_way_head, with_zero_head,
 )
 from metafn.random import fold_in, key as make_key
 from metafn.train import TrainState, TrainingDiverged, make_optimizer, train
@@ -88,6 +88,10 @@ def evaluate_methods(
     validation tasks), ``metasgd`` or ``mamlpp`` (fine-tune with ``meta``'s learned rates) or
     ``protonet`` (nearest prototypes).
 
+    Every ``adapt`` method (the meta-learned model and the baselines alike) fine-tunes with the
+    inner rule of ``config.algorithm`` (:func:`metafn.experiment.inner_rule`: SGD, or Reptile's
+    inner Adam), so a model is tested with the update it was meta-trained with.
+
     Per method: ``budgets``, one entry per adaptation budget with the rate chosen on validation
     tasks and the test mean and 95% CI after that many steps; ``curves``, the test curve
     (0..eval.steps) at each chosen rate, scored after step 0 and the budgets (every step with
@@ -99,6 +103,7 @@ def evaluate_methods(
     select_at = frozenset(budgets)
     test_at = None if ev.full_curves else frozenset({0, *budgets})
     metric = "accuracy" if exp.classification else "loss"
+    rule = inner_rule(config.algorithm)
     results: dict[str, Any] = {}
     for name, (meta, kind) in methods.items():
         t0 = time.perf_counter()
@@ -112,19 +117,22 @@ def evaluate_methods(
             candidates = tuple(sorted(set(ev.finetune_lrs) | {config.algorithm.inner_lr}))
             val_curves = {
                 lr: curve_over_tasks(exp, meta, fold_in(run_key, SELECT_STREAM), "val",
-                                     ev.select_tasks, ev.steps, lr, ev.chunk, score_at=select_at)
+                                     ev.select_tasks, ev.steps, lr, ev.chunk, score_at=select_at,
+                                     rule=rule)
                 for lr in candidates
             }
             chosen = {b: select_lr(val_curves, b, exp.classification) for b in budgets}
             steps = ev.steps
         scorer = "protonet" if kind == "protonet" else "adapt"
+        method_rule = rule if kind == "adapt" else None
         curves: dict[str, Any] = {}
         entries = []
         for budget, (lr, table) in chosen.items():
             if repr(lr) not in curves:
                 score_at = None if test_at is None or scorer == "protonet" else test_at
                 loss, acc = curve_over_tasks(exp, meta, fold_in(run_key, TEST_STREAM), "test",
-                                             ev.n_tasks, steps, lr, ev.chunk, scorer, score_at)
+                                             ev.n_tasks, steps, lr, ev.chunk, scorer, score_at,
+                                             method_rule)
                 curves[repr(lr)] = summarize_curve(loss, acc, score_at)
             curve = curves[repr(lr)]
             entries.append({

@@ -25,7 +25,8 @@ from metafn.checkpoint import load_checkpoint, save_checkpoint
 from metafn.config import Config, config_to_dict
 from metafn.evaluate import curve_over_tasks
 from metafn.experiment import (
-    LEARNED_RATE_ALGORITHMS, step_loss_weights, Experiment, build_experiment, init_meta, meta_gradient,
+    LEARNED_RATE_ALGORITHMS, step_loss_weights, Experiment, build_experiment, init_meta, inner_rule,
+    meta_gradient,
 )
 from metafn.optim import (
     GradientTransformation, adam, apply_updates, chain, clip_by_global_norm,
@@ -105,7 +106,8 @@ def validation_config(config: Config) -> Config:
 
 
 def validation_score(exp: Experiment, config: Config, meta: PyTree, run_key: mx.array) -> dict[str, float]:
-    """Query loss/accuracy after ``inner_steps`` adaptation on the fixed validation tasks.
+    """Query loss/accuracy after ``inner_steps`` adaptation on the fixed validation tasks
+    (with the inner rule of meta-training, :func:`metafn.experiment.inner_rule`).
 
     ``exp`` samples the validation episodes: ``build_experiment(validation_config(config))``.
     The tasks depend only on ``config.seed``, the episode shape, ``train.val_tasks`` and
@@ -124,6 +126,7 @@ def validation_score(exp: Experiment, config: Config, meta: PyTree, run_key: mx.
     loss, acc = curve_over_tasks(
         exp, meta, fold_in(run_key, EVAL_STREAM), "val", config.train.val_tasks, steps, lr,
         config.eval.chunk, scorer, None if weights is not None or scorer == "protonet" else frozenset({steps}),
+        inner_rule(algo),
     )
     out = {"val_loss": float(loss[-1].mean())}
     if weights is not None:
