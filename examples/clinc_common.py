@@ -166,9 +166,14 @@ def episode_rows(key: mx.array, data: clinc.ClincData, sc: SplitCache, domains: 
     return s, sy, q, qy
 
 
-def load_all(splits: Sequence[int], cache: Path = DEFAULT_CACHE, which=("train", "val"), log=print):
-    """``(data, {split: SplitCache}, (config, params, tokenizer))``."""
+def load_all(splits: Sequence[int], cache: Path = DEFAULT_CACHE, which=("train", "val"), log=print,
+             model_dir: Path | None = None):
+    """``(data, {split: SplitCache}, (config, params, tokenizer))`` for the encoder in
+    ``model_dir`` (default all-MiniLM-L6-v2, cached in ``cache``; another encoder is cached in
+    ``cache / <model_dir name>``)."""
     data = clinc.load_clinc()
-    model = bert.bert_load()
+    model = bert.bert_load(model_dir)
+    if model_dir is not None:
+        cache = cache / Path(model_dir).name
     caches = {s: load_split(data, s, splits, cache, model, log) for s in which}
     return data, caches, model

@@ -171,12 +171,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--st-epochs", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--model-dir", type=Path, default=None,
+                    help="encoder directory (default all-MiniLM-L6-v2; e.g. the all-mpnet-base-v2 "
+                         "of python -m metafn.nn.packaged)")
     ap.add_argument("--out", type=Path, default=Path("/work/runs/clinc/standard.jsonl"))
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
 
     global _MODEL
-    data, caches, (bcfg, bparams, tok) = load_all((args.split,), args.cache, log=log)
+    data, caches, (bcfg, bparams, tok) = load_all((args.split,), args.cache, log=log,
+                                                  model_dir=args.model_dir)
     _MODEL = (bparams, bcfg)
     tr, va = caches["train"], caches["val"]
     n_cls = len(data.intents)

@@ -136,6 +136,12 @@ def frozen_method() -> PeftMethod:
                       lambda base, adapter: base)
 
 
+def _shared_encoder_params(params: PyTree) -> dict[str, PyTree]:
+    """Encoder entries every layer uses (MPNet's relative-position table), kept on both sides
+    of a split."""
+    return {k: v for k, v in params["encoder"].items() if k != "layer"}
+
+
 def text_model(
     params: PyTree, config: bert.BertConfig, method: PeftMethod | None = None,
     split: int | None = 0,
@@ -155,8 +161,9 @@ def text_model(
         raise ValueError(f"split: expected an int in [0, {len(layers)}) or None, got {split!r}")
     if method.name == "prompt":
         raise ValueError("split: prompt tuning enters below layer 0; use split=None")
-    bottom = {"embeddings": params["embeddings"], "encoder": {"layer": list(layers[:split])}}
-    top = {"encoder": {"layer": list(layers[split:])}}
+    shared = _shared_encoder_params(params)
+    bottom = {"embeddings": params["embeddings"], "encoder": {"layer": list(layers[:split]), **shared}}
+    top = {"encoder": {"layer": list(layers[split:]), **shared}}
     return TextModel(config, method, bottom, method.prepare(top), split)
 
 
@@ -208,7 +215,9 @@ def precompute_layers(
     d = config.hidden_size
     states = {k: np.zeros((n, width, d), np.float32) for k in splits}
     embs = np.zeros((n, d), np.float32)
-    emb_only = {"embeddings": params["embeddings"], "encoder": {"layer": []}}
+    emb_only = {"embeddings": params["embeddings"],
+                "encoder": {"layer": [], **_shared_encoder_params(params)}}
+    rel = bert.relative_bias_table(params, config)
     for start in range(0, n, batch_size):
         rows = np.sort(order[start:start + batch_size])
         length = bucket_length(np_mask[rows])
@@ -219,7 +228,7 @@ def precompute_layers(
             if i in states:
                 mx.eval(h)
                 states[i][rows, :length] = np.array(h)
-            h = bert.bert_layers([layer], config, h, mask)
+            h = bert.bert_layers([layer], config, h, mask, relative_attention_bias=rel)
         u = bert.mean_pool(h, mask) if config.pooling == "mean" else bert.cls_pool(h)
         u = bert.l2_normalize(u)
         mx.eval(u)
@@ -229,7 +238,8 @@ def precompute_layers(
 
 def _top_embed(top: PyTree, config: bert.BertConfig, h: mx.array, mask: mx.array,
                prefix: mx.array | None = None) -> mx.array:
-    out = bert.bert_layers(top["encoder"]["layer"], config, h, mask, prefix=prefix)
+    out = bert.bert_layers(top["encoder"]["layer"], config, h, mask, prefix=prefix,
+                           relative_attention_bias=bert.relative_bias_table(top, config))
     u = bert.mean_pool(out, mask) if config.pooling == "mean" else bert.cls_pool(out)
     return bert.l2_normalize(u)
 

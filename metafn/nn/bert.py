@@ -62,10 +62,12 @@ __all__ = [
     "BertConfig", "BertTokenizer", "TokenBatch", "bert_config_from_dict", "default_model_dir",
     "bert_init", "bert_load", "bert_save", "load_tokenizer", "tokenize", "linear_apply", "quantized_linear",
     "bert_apply", "bert_layers", "mean_pool", "cls_pool", "l2_normalize", "sentence_embed", "encode",
-    "params_from_hf", "params_to_hf", "erf",
+    "params_from_hf", "params_to_hf", "erf", "relative_bias_table", "relative_position_buckets",
+    "relative_position_bias", "MODEL_TYPES",
 ]
 
 _ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+MODEL_TYPES = ("bert", "mpnet")
 
 
 @dataclass(frozen=True)
@@ -92,14 +94,27 @@ class BertConfig:
     pooling: str = "mean"
     normalize: bool = False
     max_seq_length: int = 512
+    model_type: str = "bert"
+    relative_attention_num_buckets: int = 32
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size",
-                     "max_seq_length"):
+                     "intermediate_size", "max_position_embeddings", "max_seq_length",
+                     "relative_attention_num_buckets"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"config.{name}: expected a positive int, got {value!r}")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"config.model_type: expected one of {MODEL_TYPES}, got {self.model_type!r}")
+        lowest = 0 if self.model_type == "mpnet" else 1
+        if (not isinstance(self.type_vocab_size, int) or isinstance(self.type_vocab_size, bool)
+                or self.type_vocab_size < lowest):
+            raise ValueError(f"config.type_vocab_size: expected an int >= {lowest} for "
+                             f"{self.model_type}, got {self.type_vocab_size!r}")
+        if self.model_type == "mpnet" and self.relative_attention_num_buckets % 4:
+            raise ValueError(f"config.relative_attention_num_buckets: expected a multiple of 4 "
+                             f"(two directions, exact and log halves), got "
+                             f"{self.relative_attention_num_buckets}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"config.hidden_size: {self.hidden_size} is not divisible by "
@@ -109,11 +124,25 @@ class BertConfig:
             raise ValueError(f"config.hidden_act: expected one of {_ACTS}, got {self.hidden_act!r}")
         if self.pooling not in ("mean", "cls"):
             raise ValueError(f"config.pooling: expected 'mean' or 'cls', got {self.pooling!r}")
-        if self.max_seq_length > self.max_position_embeddings:
+        if self.max_seq_length > self.max_positions:
             raise ValueError(
-                f"config.max_seq_length: {self.max_seq_length} exceeds "
-                f"max_position_embeddings={self.max_position_embeddings}"
+                f"config.max_seq_length: {self.max_seq_length} exceeds the "
+                f"{self.max_positions} positions of max_position_embeddings="
+                f"{self.max_position_embeddings}"
+                + (f" (MPNet's positions start at pad_token_id + 1 = {self.position_offset})"
+                   if self.position_offset else "")
             )
+
+    @property
+    def position_offset(self) -> int:
+        """Position id of the first token: 0 for BERT, ``pad_token_id + 1`` for MPNet (RoBERTa's
+        numbering, which reserves the ids up to the padding id)."""
+        return self.pad_token_id + 1 if self.model_type == "mpnet" else 0
+
+    @property
+    def max_positions(self) -> int:
+        """How many tokens (soft prompt included) the position table can number."""
+        return self.max_position_embeddings - self.position_offset
 
     @property
     def head_dim(self) -> int:
@@ -132,8 +161,12 @@ def bert_config_from_dict(d: dict[str, Any]) -> BertConfig:
         )
     names = {f.name for f in fields(BertConfig)}
     kwargs = {k: v for k, v in d.items() if k in names}
+    kwargs.setdefault("model_type", "bert")
+    if kwargs["model_type"] == "mpnet":
+        kwargs.setdefault("type_vocab_size", 0)  # MPNet has no token-type table
     if "max_seq_length" not in kwargs and "max_position_embeddings" in kwargs:
-        kwargs["max_seq_length"] = kwargs["max_position_embeddings"]
+        offset = kwargs.get("pad_token_id", 0) + 1 if kwargs["model_type"] == "mpnet" else 0
+        kwargs["max_seq_length"] = kwargs["max_position_embeddings"] - offset
     return BertConfig(**kwargs)
 
 
@@ -221,7 +254,8 @@ def load_tokenizer(path: str | os.PathLike[str], max_length: int, pad_id: int = 
     """Load ``tokenizer.json`` (the ``tokenizers`` package) with truncation at ``max_length``.
 
     Padding set in the file is switched off: :func:`tokenize` pads each batch to its longest
-    sequence, as sentence-transformers does.
+    sequence, as sentence-transformers does, with the file's padding id (else ``[PAD]``'s id,
+    else ``pad_id``; MPNet's vocabulary has a ``[PAD]`` that is not its padding token ``<pad>``).
     """
     try:
         from tokenizers import Tokenizer
@@ -234,19 +268,42 @@ def load_tokenizer(path: str | os.PathLike[str], max_length: int, pad_id: int = 
     if not path.is_file():
         raise FileNotFoundError(f"path: tokenizer file {str(path)!r} does not exist")
     tok = Tokenizer.from_file(str(path))
+    pad = tok.padding["pad_id"] if tok.padding else tok.token_to_id("[PAD]")
     tok.no_padding()
     tok.enable_truncation(max_length=max_length)
-    pad = tok.token_to_id("[PAD]")
     return BertTokenizer(tok, max_length, pad if pad is not None else pad_id)
 
 
-def params_from_hf(tensors: dict[str, mx.array], config: BertConfig) -> PyTree:
-    """Our parameter tree from a Hugging Face ``BertModel`` state dict (``name -> array``).
+# MPNet's Hugging Face names for the modules that BERT names otherwise (our tree uses BERT's, so
+# PEFT target_modules such as "query" / "value" mean the same layer in both).
+_MPNET_NAMES = (
+    (".attention.self.query.", ".attention.attn.q."),
+    (".attention.self.key.", ".attention.attn.k."),
+    (".attention.self.value.", ".attention.attn.v."),
+    (".attention.output.dense.", ".attention.attn.o."),
+    (".attention.output.LayerNorm.", ".attention.LayerNorm."),
+)
 
-    Linear weights ``(d_out, d_in)`` are transposed to ``w (d_in, d_out)``; a ``bert.`` prefix
-    (task-head checkpoints) is stripped; the pooler and ``position_ids`` are dropped.
+
+def params_from_hf(tensors: dict[str, mx.array], config: BertConfig) -> PyTree:
+    """Our parameter tree from a Hugging Face ``BertModel`` / ``MPNetModel`` state dict
+    (``name -> array``).
+
+    Linear weights ``(d_out, d_in)`` are transposed to ``w (d_in, d_out)``; a ``bert.`` /
+    ``mpnet.`` prefix (task-head checkpoints) is stripped; the pooler and ``position_ids`` are
+    dropped. MPNet's modules are renamed to BERT's (``attention.attn.q`` -> ``attention.self.query``,
+    ``attention.attn.o`` -> ``attention.output.dense``, ...), and its relative-position table
+    becomes ``encoder.relative_attention_bias.weight (buckets, heads)``.
     """
-    t = {(k[5:] if k.startswith("bert.") else k): v for k, v in tensors.items()}
+    prefix = config.model_type + "."
+    t = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in tensors.items()}
+    if config.model_type == "mpnet":
+        renamed = {}
+        for k, v in t.items():
+            for ours, theirs in _MPNET_NAMES:
+                k = k.replace(theirs, ours)
+            renamed[k] = v
+        t = renamed
 
     def get(name: str) -> mx.array:
         if name not in t:
@@ -273,28 +330,34 @@ def params_from_hf(tensors: dict[str, mx.array], config: BertConfig) -> PyTree:
             "intermediate": {"dense": dense(p + "intermediate.dense")},
             "output": {"dense": dense(p + "output.dense"), "LayerNorm": ln(p + "output.LayerNorm")},
         })
-    params = {
-        "embeddings": {
-            n: {"weight": get(f"embeddings.{n}.weight")}
-            for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")
-        },
+    tables = ["word_embeddings", "position_embeddings"]
+    if config.type_vocab_size:
+        tables.append("token_type_embeddings")
+    params: dict[str, Any] = {
+        "embeddings": {n: {"weight": get(f"embeddings.{n}.weight")} for n in tables},
         "encoder": {"layer": layers},
     }
     params["embeddings"]["LayerNorm"] = ln("embeddings.LayerNorm")
+    if config.model_type == "mpnet":
+        params["encoder"]["relative_attention_bias"] = {
+            "weight": get("encoder.relative_attention_bias.weight")}
     _check_shapes(params, config, "tensors")
     return params
 
 
-def params_to_hf(params: PyTree) -> dict[str, mx.array]:
-    """The inverse of :func:`params_from_hf`: a flat Hugging Face state dict (``w`` transposed)."""
+def params_to_hf(params: PyTree, config: BertConfig | None = None) -> dict[str, mx.array]:
+    """The inverse of :func:`params_from_hf`: a flat Hugging Face state dict (``w`` transposed,
+    MPNet's module names restored when ``config.model_type == "mpnet"``)."""
     out: dict[str, mx.array] = {}
     for key, value in tree_flatten(params):
         if key.endswith(".w"):
-            out[key[:-2] + ".weight"] = value.T
+            key, value = key[:-2] + ".weight", value.T
         elif key.endswith(".b"):
-            out[key[:-2] + ".bias"] = value
-        else:
-            out[key] = value
+            key = key[:-2] + ".bias"
+        if config is not None and config.model_type == "mpnet":
+            for ours, theirs in _MPNET_NAMES:
+                key = key.replace(ours, theirs)
+        out[key] = value
     return out
 
 
@@ -304,8 +367,9 @@ def _check_shapes(params: PyTree, config: BertConfig, name: str) -> None:
     want = {
         "word_embeddings": (config.vocab_size, d),
         "position_embeddings": (config.max_position_embeddings, d),
-        "token_type_embeddings": (config.type_vocab_size, d),
     }
+    if config.type_vocab_size:
+        want["token_type_embeddings"] = (config.type_vocab_size, d)
     for n, shape in want.items():
         if tuple(emb[n]["weight"].shape) != shape:
             raise ValueError(
@@ -318,6 +382,11 @@ def _check_shapes(params: PyTree, config: BertConfig, name: str) -> None:
             f"{name}: intermediate.dense has shape {tuple(lay['intermediate']['dense']['w'].shape)}"
             f" (as d_in, d_out), config.json says {(d, ff)}"
         )
+    if config.model_type == "mpnet":
+        rel = tuple(params["encoder"]["relative_attention_bias"]["weight"].shape)
+        if rel != (config.relative_attention_num_buckets, config.num_attention_heads):
+            raise ValueError(f"{name}: encoder.relative_attention_bias has shape {rel}, config.json "
+                             f"says {(config.relative_attention_num_buckets, config.num_attention_heads)}")
 
 
 def bert_load(
@@ -334,9 +403,9 @@ def bert_load(
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model_dir: {str(model_dir)!r} is not a directory")
     cfg_dict = _read_json(_require(model_dir, "config.json"))
-    if cfg_dict.get("model_type", "bert") != "bert":
-        warnings.warn(f"model_dir: model_type {cfg_dict.get('model_type')!r} is not BERT; "
-                      f"loading it as a BERT encoder (absolute positions from 0, post-LN)", stacklevel=2)
+    if cfg_dict.get("model_type", "bert") not in MODEL_TYPES:
+        raise ValueError(f"model_dir: config.json has model_type {cfg_dict.get('model_type')!r}; "
+                         f"supported: {', '.join(MODEL_TYPES)}")
     cfg_dict.update(_sentence_head(model_dir))
     config = bert_config_from_dict(cfg_dict)
     hint = (" (found pytorch_model.bin: convert it to safetensors first)"
@@ -365,7 +434,7 @@ def bert_save(
     """
     out = Path(model_dir)
     out.mkdir(parents=True, exist_ok=True)
-    hf = params_to_hf(params)
+    hf = params_to_hf(params, config)
     for k, v in hf.items():
         if k.endswith((".wq", ".scales", ".biases")) or ".lora_" in k:
             raise ValueError(f"params: {k!r} is an adapter/quantized entry; merge adapters "
@@ -373,7 +442,7 @@ def bert_save(
     atomic_write(out / "model.safetensors", lambda tmp: mx.save_safetensors(tmp, hf, metadata={"format": "pt"}))
     cfg = asdict(config)
     head = {k: cfg.pop(k) for k in ("pooling", "normalize", "max_seq_length")}
-    cfg.update({"model_type": "bert", "architectures": ["BertModel"],
+    cfg.update({"architectures": ["MPNetModel" if config.model_type == "mpnet" else "BertModel"],
                 "position_embedding_type": "absolute"})
     atomic_write_bytes(out / "config.json", json.dumps(cfg, indent=2).encode())
     modules = [
@@ -406,7 +475,8 @@ def bert_init(key: mx.array, config: BertConfig) -> PyTree:
     if not isinstance(config, BertConfig):
         raise TypeError(f"config: expected a BertConfig, got {type(config).__name__}")
     d, ff, std = config.hidden_size, config.intermediate_size, config.initializer_range
-    keys = iter(mx.random.split(key, 3 + 6 * config.num_hidden_layers))
+    keys = iter(mx.random.split(key, 3 + 6 * config.num_hidden_layers
+                                 + (config.model_type == "mpnet")))
 
     def normal(shape: tuple[int, ...]) -> mx.array:
         return std * mx.random.normal(shape, key=next(keys))
@@ -420,9 +490,10 @@ def bert_init(key: mx.array, config: BertConfig) -> PyTree:
     emb = {
         "word_embeddings": {"weight": normal((config.vocab_size, d))},
         "position_embeddings": {"weight": normal((config.max_position_embeddings, d))},
-        "token_type_embeddings": {"weight": normal((config.type_vocab_size, d))},
-        "LayerNorm": ln(),
     }
+    if config.type_vocab_size:
+        emb["token_type_embeddings"] = {"weight": normal((config.type_vocab_size, d))}
+    emb["LayerNorm"] = ln()
     layers = []
     for _ in range(config.num_hidden_layers):
         layers.append({
@@ -433,7 +504,11 @@ def bert_init(key: mx.array, config: BertConfig) -> PyTree:
             "intermediate": {"dense": dense(d, ff)},
             "output": {"dense": dense(ff, d), "LayerNorm": ln()},
         })
-    return {"embeddings": emb, "encoder": {"layer": layers}}
+    encoder: dict[str, Any] = {"layer": layers}
+    if config.model_type == "mpnet":
+        encoder["relative_attention_bias"] = {
+            "weight": normal((config.relative_attention_num_buckets, config.num_attention_heads))}
+    return {"embeddings": emb, "encoder": encoder}
 
 
 # ----------------------------------------------------------------------------- tokenize
@@ -622,14 +697,15 @@ def bert_apply(
                 f"{config.hidden_size}), got {prompt.shape}"
             )
         n_prompt = prompt.shape[1]
-    limit = config.max_position_embeddings - n_prompt
+    limit = config.max_positions - n_prompt
     if limit < 1:
         raise ValueError(f"prompt: {n_prompt} virtual tokens leave no room in "
                          f"max_position_embeddings={config.max_position_embeddings}")
     if length > limit:
         warnings.warn(
-            f"bert_apply: input of {length} tokens (+{n_prompt} prompt) exceeds "
-            f"max_position_embeddings={config.max_position_embeddings}; truncated to {limit}",
+            f"bert_apply: input of {length} tokens (+{n_prompt} prompt) exceeds the "
+            f"{config.max_positions} positions of max_position_embeddings="
+            f"{config.max_position_embeddings}; truncated to {limit}",
             UserWarning, stacklevel=2,
         )
         input_ids = input_ids[:, :limit]
@@ -638,23 +714,34 @@ def bert_apply(
         length = limit
     if attention_mask is None:
         attention_mask = mx.ones((bsz, length), dtype=mx.int32)
-    if token_type_ids is None:
-        token_type_ids = mx.zeros((bsz, length), dtype=mx.int32)
 
     emb = params["embeddings"]
     x = emb["word_embeddings"]["weight"][input_ids]
-    types = emb["token_type_embeddings"]["weight"][token_type_ids]
     keep = attention_mask.astype(mx.bool_)
     if n_prompt:
         x = mx.concatenate([prompt.astype(x.dtype), x], axis=1)
-        types = mx.concatenate([mx.broadcast_to(emb["token_type_embeddings"]["weight"][0],
-                                                (bsz, n_prompt, config.hidden_size)), types], axis=1)
         keep = mx.concatenate([mx.ones((bsz, n_prompt), dtype=mx.bool_), keep], axis=1)
     total = length + n_prompt
-    x = x + emb["position_embeddings"]["weight"][:total] + types
+    if config.model_type == "mpnet":
+        # RoBERTa / MPNet numbering: real tokens count up from pad_token_id + 1, padding sits at
+        # pad_token_id (create_position_ids_from_input_ids in Hugging Face).
+        k = keep.astype(mx.int32)
+        positions = mx.cumsum(k, axis=1) * k + config.pad_token_id
+        x = x + emb["position_embeddings"]["weight"][positions]
+    else:
+        x = x + emb["position_embeddings"]["weight"][:total]
+    if config.type_vocab_size:
+        if token_type_ids is None:
+            token_type_ids = mx.zeros((bsz, length), dtype=mx.int32)
+        types = emb["token_type_embeddings"]["weight"][token_type_ids]
+        if n_prompt:
+            types = mx.concatenate([mx.broadcast_to(emb["token_type_embeddings"]["weight"][0],
+                                                    (bsz, n_prompt, config.hidden_size)), types], axis=1)
+        x = x + types
     h = _layer_norm(emb["LayerNorm"], x, config.layer_norm_eps)
 
-    h = bert_layers(params["encoder"]["layer"], config, h, keep, prefix=prefix)
+    h = bert_layers(params["encoder"]["layer"], config, h, keep, prefix=prefix,
+                    relative_attention_bias=relative_bias_table(params, config))
     return h[:, n_prompt:] if n_prompt else h
 
 
@@ -665,12 +752,15 @@ def bert_layers(
     attention_mask: mx.array,
     *,
     prefix: mx.array | None = None,
+    relative_attention_bias: mx.array | None = None,
 ) -> mx.array:
     """Run the encoder layers ``layers`` (a list of layer trees, e.g. ``params["encoder"]
     ["layer"][k:]``) on hidden states ``hidden (B, L, d)``; returns ``(B, L, d)``.
 
     attention_mask: ``(B, L)``, nonzero for tokens that may be attended to.
     prefix: ``(len(layers), 2, n, d)`` prefix keys/values (see :func:`bert_apply`).
+    relative_attention_bias: MPNet's shared table ``(buckets, heads)``
+      (:func:`relative_bias_table`); required for MPNet, ``None`` for BERT.
     :func:`bert_apply` is ``bert_layers(layers, ., embeddings(x), mask)``; calling it on the
     states after layer ``k`` with ``layers[k:]`` gives the same output, so a frozen bottom of the
     encoder can be run once and cached.
@@ -693,6 +783,17 @@ def bert_layers(
     else:
         key_mask = keep
     mask = key_mask[:, None, None, :]
+    if config.model_type == "mpnet":
+        if relative_attention_bias is None:
+            raise ValueError("relative_attention_bias: MPNet layers need the encoder's table "
+                             "(relative_bias_table(params, config)), got None")
+        bias = relative_position_bias(relative_attention_bias, total, config.relative_attention_num_buckets)
+        if prefix is not None:  # learned prefix keys: no position, so no bias
+            bias = mx.concatenate([mx.zeros((*bias.shape[:-1], prefix.shape[2])), bias], axis=-1)
+        mask = mx.where(mask, bias[None], -math.inf)
+    elif relative_attention_bias is not None:
+        raise ValueError(f"relative_attention_bias: {config.model_type} has no relative positions; "
+                         f"pass None")
     heads, dh = config.num_attention_heads, config.head_dim
     scale = 1.0 / math.sqrt(dh)
 
@@ -719,6 +820,46 @@ def bert_layers(
         h = _layer_norm(layer["output"]["LayerNorm"],
                         linear_apply(layer["output"]["dense"], f) + a, config.layer_norm_eps)
     return h
+
+
+def relative_bias_table(params: PyTree, config: BertConfig) -> mx.array | None:
+    """MPNet's relative-attention table ``(buckets, heads)`` from a full parameter tree (or a
+    top slice ``{"encoder": {...}}`` that kept it); ``None`` for BERT."""
+    if config.model_type != "mpnet":
+        return None
+    try:
+        return params["encoder"]["relative_attention_bias"]["weight"]
+    except (KeyError, TypeError) as e:
+        raise KeyError("params: an MPNet tree needs encoder.relative_attention_bias.weight") from e
+
+
+def relative_position_buckets(length: int, num_buckets: int = 32, max_distance: int = 128) -> np.ndarray:
+    """``(length, length)`` int bucket of the offset ``j - i`` from query ``i`` to key ``j``
+    (T5 / MPNet's bidirectional buckets): half the buckets per direction (keys before the query
+    from ``num_buckets / 2`` on); within a direction, offsets ``n < num_buckets / 4`` get their
+    own bucket, larger ones ``n_e + floor(log(n / n_e) / log(max_distance / n_e) (b - n_e))``
+    with ``n_e = num_buckets / 4``, ``b = num_buckets / 2``, capped at ``b - 1``. Computed in
+    float32 as Hugging Face does, so the boundaries agree."""
+    pos = np.arange(length)
+    n = -(pos[None, :] - pos[:, None])
+    half = num_buckets // 2
+    ret = (n < 0).astype(np.int64) * half
+    n = np.abs(n)
+    exact = half // 2
+    ratio = (np.log(np.maximum(n, 1).astype(np.float32) / np.float32(exact))
+             / np.float32(math.log(max_distance / exact)))
+    large = exact + (ratio * np.float32(half - exact)).astype(np.int64)
+    large = np.minimum(large, half - 1)
+    return ret + np.where(n < exact, n, large)
+
+
+def relative_position_bias(table: mx.array, length: int, num_buckets: int) -> mx.array:
+    """``(heads, length, length)`` additive attention bias ``table[bucket(j - i)]`` for
+    ``table (num_buckets, heads)`` (:func:`relative_position_buckets`), shared by every layer."""
+    if table.ndim != 2 or table.shape[0] != num_buckets:
+        raise ValueError(f"relative_attention_bias: expected shape ({num_buckets}, heads), got {table.shape}")
+    buckets = mx.array(relative_position_buckets(length, num_buckets).astype(np.int32))
+    return table[buckets].transpose(2, 0, 1)
 
 
 def mean_pool(hidden: mx.array, mask: mx.array) -> mx.array:
