@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="a command that produced the runs (repeatable)")
     ap.add_argument("--note", default="",
                     help="appended to the protocol text (e.g. what extra data the rows use)")
+    ap.add_argument("--encoder", default="sentence-transformers/all-MiniLM-L6-v2 (frozen base, "
+                    "LoRA on layers split..5)", help="the encoder the runs used (recorded)")
     ap.add_argument("--key-shots", action="store_true",
                     help="key final rows by tag and shots (one run of --shots 5 10 per tag)")
     args = ap.parse_args(argv)
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
                      "utterances; mean over K-shot draws. Hyperparameters and the scorer chosen "
                      "on a holdout carved from the train split (20 non-shot utterances per "
                      "intent), never on val." + (" " + args.note if args.note else "")),
-        "encoder": "sentence-transformers/all-MiniLM-L6-v2 (frozen base, LoRA on layers split..5)",
+        "encoder": args.encoder,
         "commands": args.command,
         "aggregated_by": "python examples/clinc_results.py " + " ".join(
             a for a in (argv if argv is not None else __import__("sys").argv[1:])),

@@ -1,4 +1,4 @@
-"""A BERT-family text encoder as pure functions over a nested-dict parameter pytree.
+"""A BERT-family text encoder (BERT, MPNet) as pure functions over a nested-dict parameter pytree.
 
 Loads a Hugging Face model directory (``config.json``, ``model.safetensors``, ``tokenizer.json``
 and, when present, the sentence-transformers files ``modules.json`` /
@@ -28,6 +28,14 @@ Forward pass (post-LN BERT, Devlin et al. 2019), for token ids ``x (B, L)`` and 
     h_0 = LN(E_word[x] + E_pos[0..L-1] + E_type[t])
     a   = LN(h + Attn(h) W_o)            Attn: 12-head softmax(Q K^T / sqrt(d_h) + mask) V
     h'  = LN(a + gelu(a W_1) W_2)
+
+MPNet (``model_type: mpnet``, e.g. all-mpnet-base-v2; Song et al. 2020) is the same post-LN
+stack with three differences: no token-type table; positions numbered from
+``pad_token_id + 1`` over real tokens (RoBERTa's scheme); and a relative-position bias added to
+every layer's attention logits, ``b_h(j - i) = table[bucket(j - i), h]`` from one shared
+``encoder.relative_attention_bias.weight (buckets, heads)`` (:func:`relative_position_buckets`).
+Its Hugging Face module names (``attention.attn.q`` / ``k`` / ``v`` / ``o``,
+``attention.LayerNorm``) are mapped to BERT's above on load and back on save.
 
 Sentence embedding (sentence-transformers): ``mean_pool(h, m) = sum_l m_l h_l / sum_l m_l``,
 then ``u / max(||u||_2, 1e-12)`` when the model directory lists a ``Normalize`` module (as
