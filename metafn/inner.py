@@ -26,6 +26,7 @@ from typing import Callable, NamedTuple
 import mlx.core as mx
 
 from metafn.losses import LossFn
+from metafn.optim import ScaleByAdamState, adam_direction
 from metafn.tree import PyTree, tree_flatten, tree_map, tree_structure_equal
 
 __all__ = ["inner_update", "adapt", "check_lr", "LearningRate", "INNER_OPTIMIZERS", "InnerRule",
@@ -160,13 +161,6 @@ def inner_step(
     if not isinstance(state, InnerAdamState):
         raise TypeError(f"state: expected the InnerAdamState of inner_init(rule, params), "
                         f"got {type(state).__name__}")
-    b1, b2, eps = float(rule.b1), float(rule.b2), float(rule.eps)
-    count = state.count + 1
-    mu = tree_map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
-    nu = tree_map(lambda v, g: b2 * v + (1 - b2) * mx.square(g), state.nu, grads)
-    t = count.astype(mx.float32)
-    c1 = 1 - mx.power(mx.array(b1, dtype=mx.float32), t)
-    c2 = 1 - mx.power(mx.array(b2, dtype=mx.float32), t)
-    direction = tree_map(lambda m, v: (m / c1) / (mx.sqrt(v / c2) + eps), mu, nu)
-    new_params = inner_update(params, direction, lr)
-    return new_params, InnerAdamState(count, mu, nu)
+    direction, moments = adam_direction(grads, ScaleByAdamState(*state), float(rule.b1),
+                                        float(rule.b2), float(rule.eps))
+    return inner_update(params, direction, lr), InnerAdamState(*moments)

@@ -22,7 +22,7 @@ from metafn.tree import PyTree, tree_map, tree_norm, tree_zeros_like
 __all__ = [
     "GradientTransformation", "Schedule", "sgd", "adam", "clip_by_global_norm", "chain",
     "apply_updates", "constant_schedule", "cosine_decay_schedule", "warmup_cosine_schedule",
-    "EmptyState", "ScaleByAdamState", "SgdState",
+    "EmptyState", "ScaleByAdamState", "SgdState", "adam_direction",
 ]
 
 Schedule = Callable[[mx.array], mx.array]
@@ -144,17 +144,32 @@ def adam(
     def update(
         grads: PyTree, state: ScaleByAdamState, params: PyTree = None
     ) -> tuple[PyTree, ScaleByAdamState]:
-        count = state.count + 1
-        mu = tree_map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
-        nu = tree_map(lambda v, g: b2 * v + (1 - b2) * mx.square(g), state.nu, grads)
-        t = count.astype(mx.float32)
-        c1 = 1 - mx.power(mx.array(b1, dtype=mx.float32), t)
-        c2 = 1 - mx.power(mx.array(b2, dtype=mx.float32), t)
+        direction, new_state = adam_direction(grads, state, b1, b2, eps)
         rate = lr(state.count)
-        updates = tree_map(lambda m, v: -rate * (m / c1) / (mx.sqrt(v / c2) + eps), mu, nu)
-        return updates, ScaleByAdamState(count, mu, nu)
+        return tree_map(lambda d: -rate * d, direction), new_state
 
     return GradientTransformation(init, update)
+
+
+def adam_direction(
+    grads: PyTree, state: ScaleByAdamState, b1: float, b2: float, eps: float
+) -> tuple[PyTree, ScaleByAdamState]:
+    """Adam's moment update and bias-corrected step direction, without the rate:
+
+    t = count + 1;  m_t = b1 m + (1-b1) g;  v_t = b2 v + (1-b2) g^2;
+    d = (m_t / (1-b1^t)) / (sqrt(v_t / (1-b2^t)) + eps)
+
+    Returns ``(d, ScaleByAdamState(t, m_t, v_t))``; :func:`adam` and the inner-loop Adam of
+    :mod:`metafn.inner` both step along ``-lr d``.
+    """
+    count = state.count + 1
+    mu = tree_map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
+    nu = tree_map(lambda v, g: b2 * v + (1 - b2) * mx.square(g), state.nu, grads)
+    t = count.astype(mx.float32)
+    c1 = 1 - mx.power(mx.array(b1, dtype=mx.float32), t)
+    c2 = 1 - mx.power(mx.array(b2, dtype=mx.float32), t)
+    direction = tree_map(lambda m, v: (m / c1) / (mx.sqrt(v / c2) + eps), mu, nu)
+    return direction, ScaleByAdamState(count, mu, nu)
 
 
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
