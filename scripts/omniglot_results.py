@@ -82,6 +82,12 @@ ROWS: dict[str, tuple[str, str]] = {
                                   "runs/omniglot_mamlpp_trainval/last.safetensors --no-baselines"),
     "reptile_5way.json": ("reptile", "metafn train --config configs/omniglot_reptile.yaml --out runs/omniglot_reptile --no-eval; "
                           "metafn eval --checkpoint runs/omniglot_reptile/best.safetensors --no-baselines"),
+    "reptile_aug_5way.json": ("reptile", "taskset -c 0 env OPENBLAS_NUM_THREADS=1 metafn train --config "
+                              "configs/omniglot_reptile.yaml --out /work/runs/reptile_aug/run --no-eval "
+                              "--set task.augment_rotation=15.0 --set task.augment_shift=2.0 "
+                              "--set task.augment_scale=0.1; taskset -c 0 env OPENBLAS_NUM_THREADS=1 metafn eval "
+                              "--checkpoint /work/runs/reptile_aug/run/best.safetensors --out "
+                              "/work/runs/reptile_aug/eval_5way --no-baselines"),
     "reptile_fullbatch_5way.json": ("reptile", "metafn train --config configs/omniglot_reptile.yaml --out "
                                     "runs/omniglot_reptile_fullbatch --no-eval --set algorithm.inner_batches=1 "
                                     "--set task.n_query=1 --set train.steps=3000; metafn eval --checkpoint "
@@ -110,7 +116,8 @@ LABELS: dict[str, str] = {"maml_noaug_5way.json": "maml, no augmentation",
                              "protonet, 60-way, train + val alphabets (final fit)"
                              for n in ("5way", "20way", "20way_within")},
                           "mamlpp_trainval_5way.json": "mamlpp, train + val alphabets (final fit)",
-                          "reptile_fullbatch_5way.json": "reptile, full-batch inner steps"}
+                          "reptile_fullbatch_5way.json": "reptile, full-batch inner steps",
+                          "reptile_aug_5way.json": "reptile, augmented training images"}
 
 
 #: algorithm -> the ``metafn bench`` command whose report is results/omniglot/bench_<algorithm>.json
