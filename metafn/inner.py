@@ -113,13 +113,10 @@ class InnerRule(NamedTuple):
 SGD_RULE = InnerRule()
 
 
-class InnerAdamState(NamedTuple):
-    """The inner Adam state of one task (or of ``T`` tasks, a leading task axis on ``mu``/``nu``):
-    steps taken so far (shared, a scalar) and the first / second moment estimates."""
-
-    count: mx.array
-    mu: PyTree
-    nu: PyTree
+InnerAdamState = ScaleByAdamState
+"""The inner Adam state of one task (or of ``T`` tasks, a leading task axis on ``mu``/``nu``):
+steps taken so far (shared, a scalar) and the first / second moment estimates; the same record
+as the outer :func:`metafn.optim.adam`'s state."""
 
 
 def check_inner_rule(rule: InnerRule) -> None:
@@ -161,6 +158,5 @@ def inner_step(
     if not isinstance(state, InnerAdamState):
         raise TypeError(f"state: expected the InnerAdamState of inner_init(rule, params), "
                         f"got {type(state).__name__}")
-    direction, moments = adam_direction(grads, ScaleByAdamState(*state), float(rule.b1),
-                                        float(rule.b2), float(rule.eps))
-    return inner_update(params, direction, lr), InnerAdamState(*moments)
+    direction, state = adam_direction(grads, state, float(rule.b1), float(rule.b2), float(rule.eps))
+    return inner_update(params, direction, lr), state
