@@ -10,7 +10,8 @@ the meta-training time and the seconds per meta-iteration.
 
 Seconds per meta-iteration of every algorithm's config, also of those not trained to the end,
 come from ``metafn bench`` reports (:data:`BENCH`; each records the BLAS, thread and malloc
-settings it ran under) and are listed under ``"speed"``.
+settings it ran under) and are listed under ``"speed"``. The cross-validation over alphabets
+(``scripts/omniglot_cv.py``) is listed under ``"cross_validation"``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+from omniglot_cv import collect as collect_cv, table as cv_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,10 +225,13 @@ def table(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    rows, speed = collect(), collect_speed()
+    rows, speed, cv = collect(), collect_speed(), collect_cv()
     out = ROOT / "bench" / "results" / "omniglot.json"
-    out.write_text(json.dumps({"rows": rows, "speed": speed}, indent=1) + "\n")
+    out.write_text(json.dumps({"rows": rows, "speed": speed, "cross_validation": cv}, indent=1) + "\n")
     print(table(rows))
     print()
     print(speed_table(speed))
+    if cv is not None:
+        print()
+        print(cv_table(cv))
     print(f"\nwrote {out.relative_to(ROOT)} ({len(rows)} rows)", file=sys.stderr)
