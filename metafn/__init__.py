@@ -30,7 +30,7 @@ from metafn.inner import adapt, inner_update  # noqa: E402
 from metafn.outer import (  # noqa: E402
     BatchedLoss, LSLRParams, MetaSGDParams, batched_adapt, fomaml_outer, lslr_init, lslr_outer,
     lslr_rates, lslr_steps, maml_outer, metasgd_init, metasgd_outer, protonet_logits,
-    protonet_outer, reptile_grad, reptile_outer, task_batched, vmap_tasks,
+    protonet_outer, reptile_grad, soft_kmeans_logits, reptile_outer, task_batched, vmap_tasks,
 )
 from metafn.tasks import Episode, sample_episode, sample_episodes  # noqa: E402
 
@@ -40,7 +40,7 @@ __all__ = [
     "losses", "nn", "optim", "random", "tasks", "tree",
     "adapt", "inner_update", "BatchedLoss", "MetaSGDParams", "batched_adapt", "fomaml_outer",
     "maml_outer", "metasgd_init", "metasgd_outer", "LSLRParams", "lslr_init", "lslr_outer",
-    "lslr_rates", "lslr_steps", "protonet_logits", "protonet_outer",
+    "lslr_rates", "lslr_steps", "protonet_logits", "protonet_outer", "soft_kmeans_logits",
     "reptile_grad", "reptile_outer", "task_batched", "vmap_tasks",
     "Episode", "sample_episode", "sample_episodes", "__version__",
 ]

@@ -241,6 +241,11 @@ class EvalConfig:
     ``full_curves``: score the test query sets after every fine-tuning step ``0..steps`` (the
     ``curves`` of the results); by default only after step 0 and each budget, the figures the
     results report (the rate search on validation tasks scores only the budgets either way).
+
+    ``soft_kmeans_steps`` (protonet only): when > 0, the results also hold
+    ``protonet_soft_kmeans``, the same model on the same test episodes with its prototypes
+    refined by that many soft k-means steps on each episode's queries
+    (:func:`metafn.outer.soft_kmeans_logits`; transductive).
     """
 
     n_tasks: int = 1000
@@ -257,6 +262,7 @@ class EvalConfig:
     n_query: int | None = None
     within_alphabet: bool | None = None
     full_curves: bool = False
+    soft_kmeans_steps: int = 0
 
     def __post_init__(self) -> None:
         _require(self.n_tasks >= 1, "eval.n_tasks", "an int >= 1", self.n_tasks)
@@ -278,6 +284,7 @@ class EvalConfig:
         if self.pooled_batch_size is not None:
             _require(self.pooled_batch_size >= 1, "eval.pooled_batch_size", "null or an int >= 1",
                      self.pooled_batch_size)
+        _require(self.soft_kmeans_steps >= 0, "eval.soft_kmeans_steps", "an int >= 0", self.soft_kmeans_steps)
 
 
 @dataclass(frozen=True)
@@ -302,6 +309,10 @@ class Config:
                      f"null for {self.algorithm.name} (its classification head has task.n_way "
                      f"outputs; only protonet can be validated at another number of ways)",
                      self.train.val_n_way)
+        if self.eval.soft_kmeans_steps:
+            _require(self.algorithm.name == "protonet", "eval.soft_kmeans_steps",
+                     f"0 for {self.algorithm.name} (prototype refinement needs protonet)",
+                     self.eval.soft_kmeans_steps)
         if self.eval.pooled_batch_size is not None:
             _require(self.task.family == "omniglot", "eval.pooled_batch_size",
                      "null except for task.family omniglot (the toy families' pooled baseline "

@@ -21,7 +21,7 @@ import numpy as np
 from metafn.experiment import Experiment, learned_inner_rates, model_params, task_losses
 from metafn.inner import InnerRule, inner_init, inner_step
 from metafn.losses import accuracy, cross_entropy, mse
-from metafn.outer import batched_adapt, embed_tasks, protonet_logits
+from metafn.outer import batched_adapt, embed_tasks, soft_kmeans_logits
 from metafn.random import fold_in
 from metafn.tasks.episode import Episode
 from metafn.tree import PyTree, tree_broadcast
@@ -110,15 +110,19 @@ def adaptation_curve(
     return np.stack(loss_rows), (np.stack(acc_rows) if acc_rows else None)
 
 
-def protonet_scores(exp: Experiment, params: PyTree, episodes: Episode) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest-prototype query loss and accuracy per task, each ``(1, T)``."""
+def protonet_scores(
+    exp: Experiment, params: PyTree, episodes: Episode, soft_kmeans_steps: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest-prototype query loss and accuracy per task, each ``(1, T)``; with
+    ``soft_kmeans_steps > 0`` the prototypes are first refined on the task's queries
+    (:func:`metafn.outer.soft_kmeans_logits`, transductive)."""
     if exp.embed is None or exp.n_way is None:
         raise ValueError("exp: ProtoNet evaluation needs a classification experiment with embed")
     sx, sy, qx, qy = episodes
     ns = sx.shape[1]
     emb = embed_tasks(exp.embed, params, mx.concatenate([sx, qx], axis=1))
     n_way = exp.n_way
-    logits = mx.vmap(lambda s_emb, s_y, q_emb: protonet_logits(s_emb, s_y, q_emb, n_way))(
+    logits = mx.vmap(lambda s_emb, s_y, q_emb: soft_kmeans_logits(s_emb, s_y, q_emb, n_way, soft_kmeans_steps))(
         emb[:, :ns], sy, emb[:, ns:]
     )
     loss = mx.vmap(cross_entropy)(logits, qy)
@@ -138,9 +142,11 @@ def curve_over_tasks(
     scorer: str = "adapt",
     score_at: frozenset[int] | None = None,
     rule: InnerRule | None = None,
+    soft_kmeans_steps: int = 0,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Curves over ``n_tasks`` tasks of ``split`` sampled in chunks; arrays ``(S+1, n_tasks)``
-    (``score_at``, ``rule``: as :func:`adaptation_curve`).
+    (``score_at``, ``rule``: as :func:`adaptation_curve`; ``scorer="protonet"`` scores nearest
+    prototypes instead, ``(1, n_tasks)``, refined by ``soft_kmeans_steps``: :func:`protonet_scores`).
 
     The tasks depend only on ``key``, ``split`` and the chunking, so every method evaluated with
     the same arguments sees the same tasks (paired comparison).
@@ -150,7 +156,7 @@ def curve_over_tasks(
     for i, start in enumerate(range(0, n_tasks, chunk)):
         eps = exp.sample(fold_in(split_key, i), split, min(chunk, n_tasks - start))
         if scorer == "protonet":
-            loss, acc = protonet_scores(exp, model_params(meta), eps)
+            loss, acc = protonet_scores(exp, model_params(meta), eps, soft_kmeans_steps)
         else:
             loss, acc = adaptation_curve(exp, meta, eps, steps, lr, score_at, rule)
         losses.append(loss)

@@ -41,7 +41,7 @@ __all__ = [
     "BatchedLoss", "task_batched", "vmap_tasks", "batched_adapt", "maml_outer", "fomaml_outer",
     "reptile_outer", "reptile_grad", "MetaSGDParams", "metasgd_init", "metasgd_outer",
     "LSLRParams", "lslr_init", "lslr_steps", "lslr_rates", "lslr_outer",
-    "protonet_logits", "protonet_outer", "embed_tasks",
+    "protonet_logits", "soft_kmeans_logits", "protonet_outer", "embed_tasks",
 ]
 
 
@@ -379,6 +379,21 @@ def lslr_outer(
     return mx.value_and_grad(objective)(meta)
 
 
+def _class_means(emb: mx.array, weights: mx.array) -> mx.array:
+    """``(n_way, D)`` weighted means ``sum_i w_ik e_i / sum_i w_ik`` of ``emb (N, D)`` under
+    ``weights (N, n_way)``; a class with no weight gets the zero vector."""
+    return (weights.T @ emb) / mx.maximum(mx.sum(weights, axis=0), 1e-12)[:, None]
+
+
+def _neg_sq_distances(query_emb: mx.array, protos: mx.array) -> mx.array:
+    """``(Nq, n_way)`` logits ``-||q_j - c_k||^2``."""
+    return -(
+        mx.sum(query_emb * query_emb, axis=-1, keepdims=True)
+        - 2.0 * query_emb @ protos.T
+        + mx.sum(protos * protos, axis=-1)[None, :]
+    )
+
+
 def protonet_logits(
     support_emb: mx.array, support_y: mx.array, query_emb: mx.array, n_way: int
 ) -> mx.array:
@@ -388,13 +403,37 @@ def protonet_logits(
     ``c_k`` is the mean support embedding of class k; returns ``(Nq, n_way)``.
     """
     onehot = (support_y[:, None] == mx.arange(n_way)[None, :]).astype(support_emb.dtype)
-    protos = (onehot.T @ support_emb) / mx.maximum(mx.sum(onehot, axis=0), 1.0)[:, None]
-    sq = (
-        mx.sum(query_emb * query_emb, axis=-1, keepdims=True)
-        - 2.0 * query_emb @ protos.T
-        + mx.sum(protos * protos, axis=-1)[None, :]
-    )
-    return -sq
+    return _neg_sq_distances(query_emb, _class_means(support_emb, onehot))
+
+
+def soft_kmeans_logits(
+    support_emb: mx.array, support_y: mx.array, query_emb: mx.array, n_way: int, steps: int = 1
+) -> mx.array:
+    """Transductive ProtoNet logits: prototypes refined on the unlabelled queries by soft k-means
+    (Ren et al. 2018, "Meta-learning for semi-supervised few-shot classification", with the
+    query set as the unlabelled set).
+
+    Starting from the support means ``c_k^0`` (:func:`protonet_logits`), each step assigns every
+    query softly by the model's own posterior and re-averages::
+
+        z_jk = softmax_k(-||q_j - c_k^t||^2)
+        c_k^{t+1} = (sum_{i: y_i = k} s_i + sum_j z_jk q_j) / (n_k + sum_j z_jk)
+
+    and returns ``-||q_j - c_k^steps||^2``, ``(Nq, n_way)``. ``steps = 0`` is
+    :func:`protonet_logits`. Shapes as there. The logits of one query depend on the other
+    queries of its episode (that is the point), so scores are only comparable with the same
+    query set: transductive, like batch norm on the query batch.
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps: expected an int >= 0, got {steps!r}")
+    onehot = (support_y[:, None] == mx.arange(n_way)[None, :]).astype(support_emb.dtype)
+    both = mx.concatenate([support_emb, query_emb], axis=0)
+    logits = _neg_sq_distances(query_emb, _class_means(support_emb, onehot))
+    for _ in range(steps):
+        z = mx.softmax(logits, axis=-1)
+        protos = _class_means(both, mx.concatenate([onehot, z], axis=0))
+        logits = _neg_sq_distances(query_emb, protos)
+    return logits
 
 
 def embed_tasks(

@@ -58,7 +58,9 @@ def pooled_config(config: Config) -> Config:
                                multi_step_loss=False, first_order=False)
     steps = config.eval.pooled_steps or config.train.steps
     train_config = dataclasses.replace(config.train, steps=steps)
-    return dataclasses.replace(config, name=f"{config.name}-pooled", algorithm=algo, train=train_config)
+    eval_config = dataclasses.replace(config.eval, soft_kmeans_steps=0)
+    return dataclasses.replace(config, name=f"{config.name}-pooled", algorithm=algo, train=train_config,
+                               eval=eval_config)
 
 
 def episode_config(config: Config) -> Config:
@@ -85,8 +87,9 @@ def evaluate_methods(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Evaluate each ``name -> (meta, kind)``; kind ``adapt`` (fine-tune at a rate chosen on
-    validation tasks), ``metasgd`` or ``mamlpp`` (fine-tune with ``meta``'s learned rates) or
-    ``protonet`` (nearest prototypes).
+    validation tasks), ``metasgd`` or ``mamlpp`` (fine-tune with ``meta``'s learned rates),
+    ``protonet`` (nearest prototypes) or ``soft_kmeans`` (nearest prototypes refined on the
+    queries by ``eval.soft_kmeans_steps`` steps).
 
     Every ``adapt`` method (the meta-learned model and the baselines alike) fine-tunes with the
     inner rule of ``config.algorithm`` (:func:`metafn.experiment.inner_rule`: SGD, or Reptile's
@@ -107,7 +110,7 @@ def evaluate_methods(
     results: dict[str, Any] = {}
     for name, (meta, kind) in methods.items():
         t0 = time.perf_counter()
-        if kind == "protonet":
+        if kind in ("protonet", "soft_kmeans"):
             chosen = {0: (None, {})}
             steps = 0
         elif kind in LEARNED_RATE_ALGORITHMS:
@@ -123,7 +126,8 @@ def evaluate_methods(
             }
             chosen = {b: select_lr(val_curves, b, exp.classification) for b in budgets}
             steps = ev.steps
-        scorer = "protonet" if kind == "protonet" else "adapt"
+        scorer = "protonet" if kind in ("protonet", "soft_kmeans") else "adapt"
+        refine = ev.soft_kmeans_steps if kind == "soft_kmeans" else 0
         method_rule = rule if kind == "adapt" else None
         curves: dict[str, Any] = {}
         entries = []
@@ -132,7 +136,7 @@ def evaluate_methods(
                 score_at = None if test_at is None or scorer == "protonet" else test_at
                 loss, acc = curve_over_tasks(exp, meta, fold_in(run_key, TEST_STREAM), "test",
                                              ev.n_tasks, steps, lr, ev.chunk, scorer, score_at,
-                                             method_rule)
+                                             method_rule, refine)
                 curves[repr(lr)] = summarize_curve(loss, acc, score_at)
             curve = curves[repr(lr)]
             entries.append({
@@ -278,6 +282,8 @@ def run_evaluation(
                      + (" (learned head rates: their class mean)" if algo == "metasgd" else ""))
         log(f"evaluating {algo} at {eval_config.task.n_way} ways: {head_note}")
     methods: dict[str, tuple[PyTree, str]] = {algo: (meta, kind)}
+    if config.eval.soft_kmeans_steps:
+        methods["protonet_soft_kmeans"] = (meta, "soft_kmeans")
     pooled_summary: dict[str, Any] | None = None
     if config.eval.baselines:
         random_params = exp.init_params(fold_in(make_key(config.seed), RANDOM_INIT_STREAM))

@@ -31,12 +31,17 @@ ADAM0 = InnerRule("adam", 0.0, 0.999, 1e-8)
 
 @given(seed=st.integers(0, 10_000), lr=st.floats(1e-4, 0.1), b2=st.floats(0.0, 0.9999))
 def test_adam_beta1_zero_first_step_is_a_sign_step(seed, lr, b2):
-    """b1 = 0, t = 1: m/(1-0) = g, v/(1-b2) = g^2, so theta - lr * g / (|g| + eps)."""
+    """b1 = 0, t = 1: m/(1-0) = g, v/(1-b2) = g^2, so theta - lr * g / (|g| + eps).
+
+    In float32, ``v = (1 - b2) g^2`` and the correction ``1 - b2`` each carry a relative rounding
+    error of about ``2^-24 / (1 - b2)`` (cancellation in ``1 - b2``), so the tolerance grows as
+    b2 nears 1 (4e-5 relative was seen at b2 = 0.9999).
+    """
     params, grads = small_mlp(seed), small_mlp(seed + 1)
     rule = InnerRule("adam", 0.0, b2, 1e-8)
     new, state = inner_step(rule, params, grads, inner_init(rule, params), lr)
     expected = tree_map(lambda p, g: p - lr * g / (mx.abs(g) + 1e-8), params, grads)
-    assert_trees_close(new, expected, rtol=1e-5, atol=1e-6)
+    assert_trees_close(new, expected, rtol=1e-5 + 4 * 2.0**-24 / (1 - b2), atol=1e-6)
     assert state.count.item() == 1
     assert_trees_close(state.mu, grads, rtol=0, atol=0)
 

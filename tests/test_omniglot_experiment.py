@@ -112,6 +112,35 @@ def test_protonet_and_reheaded_maml_can_be_tested_at_more_ways(shared_data, tmp_
     assert curve["loss_mean"][1] < curve["loss_mean"][0]  # one fine-tuning step learns a head
 
 
+def test_soft_kmeans_evaluation_scores_the_same_test_episodes(shared_data, tmp_path):
+    from metafn.evaluate import curve_over_tasks, protonet_scores
+    from metafn.random import fold_in, key as make_key
+    from metafn.report import TEST_STREAM
+
+    cfg = omniglot_config(shared_data, tmp_path, "protonet", n_way=20, soft_kmeans_steps=2, baselines=False)
+    exp = build_experiment(cfg)
+    meta = exp.init_params(mx.random.key(0))
+    res = run_evaluation(cfg, tmp_path / "p", meta, progress=False, log=lambda s: None)
+    assert set(res["methods"]) == {"protonet", "protonet_soft_kmeans"}
+    losses = [res["methods"][m]["budgets"][0]["loss_mean"] for m in ("protonet", "protonet_soft_kmeans")]
+    assert losses[0] != pytest.approx(losses[1])
+    ev = cfg.eval
+    key = fold_in(make_key(cfg.seed), TEST_STREAM)
+    for name, steps in (("protonet", 0), ("protonet_soft_kmeans", 2)):
+        loss, acc = curve_over_tasks(build_experiment(dataclasses.replace(
+            cfg, task=dataclasses.replace(cfg.task, n_way=20))), meta, key, "test", ev.n_tasks, 0, None,
+            ev.chunk, "protonet", soft_kmeans_steps=steps)
+        assert res["methods"][name]["budgets"][0]["accuracy_mean"] == pytest.approx(float(acc.mean()))
+        assert res["methods"][name]["budgets"][0]["loss_mean"] == pytest.approx(float(loss.mean()))
+    eps = exp.sample(mx.random.key(1), "test", 2)
+    plain, refined = protonet_scores(exp, meta, eps), protonet_scores(exp, meta, eps, 2)
+    assert not np.allclose(plain[0], refined[0])  # the refinement changes the query losses
+    with pytest.raises(ConfigError, match="eval.soft_kmeans_steps"):
+        omniglot_config(shared_data, tmp_path, "maml", soft_kmeans_steps=1)
+    with pytest.raises(ConfigError, match="eval.soft_kmeans_steps"):
+        omniglot_config(shared_data, tmp_path, "protonet", soft_kmeans_steps=-1)
+
+
 def test_other_ways_need_protonet_or_conv4():
     cfg = config_from_dict({"task": {"family": "xor", "n_way": 2}, "algorithm": {"name": "maml"},
                             "eval": {"n_way": 3, "n_tasks": 2, "select_tasks": 2}})

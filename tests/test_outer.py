@@ -14,7 +14,7 @@ from helpers import MSE_MLP, assert_trees_close, to_numpy, random_episodes, smal
 from metafn.inner import adapt
 from metafn.outer import (
     LSLRParams, fomaml_outer, lslr_init, lslr_outer, lslr_rates, lslr_steps, maml_outer, metasgd_init,
-    metasgd_outer, protonet_logits, protonet_outer, reptile_grad, reptile_outer, task_batched, vmap_tasks,
+    metasgd_outer, protonet_logits, protonet_outer, soft_kmeans_logits, reptile_grad, reptile_outer, task_batched, vmap_tasks,
 )
 from metafn.tasks import Episode
 from metafn.tree import tree_leaves, tree_add, tree_broadcast, tree_dot, tree_map, tree_mean_axis0, tree_scale, tree_stack, tree_sub
@@ -224,6 +224,54 @@ def test_protonet_logits_are_negative_squared_distances_to_class_means():
     protos = np.array(s).reshape(3, 2, 3).mean(axis=1)
     expected = -((np.array(q)[:, None, :] - protos[None]) ** 2).sum(-1)
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def _soft_kmeans_reference(s, sy, q, n_way, steps):
+    """Ren et al.'s refinement written out with loops in float64."""
+    s, q = np.asarray(s, np.float64), np.asarray(q, np.float64)
+    protos = np.stack([s[sy == k].mean(0) for k in range(n_way)])
+    for _ in range(steps):
+        d = ((q[:, None] - protos[None]) ** 2).sum(-1)
+        z = np.exp(-(d - d.min(1, keepdims=True)))
+        z /= z.sum(1, keepdims=True)
+        protos = np.stack([(s[sy == k].sum(0) + (z[:, k:k + 1] * q).sum(0)) / ((sy == k).sum() + z[:, k].sum())
+                           for k in range(n_way)])
+    return -((q[:, None] - protos[None]) ** 2).sum(-1)
+
+
+@given(seed=st.integers(0, 2**16), steps=st.integers(0, 3), shots=st.integers(1, 3))
+def test_soft_kmeans_logits_match_the_written_out_refinement(seed, steps, shots):
+    rng = np.random.default_rng(seed)
+    sy = np.repeat(np.arange(3), shots)
+    s, q = rng.standard_normal((3 * shots, 4)), rng.standard_normal((7, 4))
+    logits = soft_kmeans_logits(mx.array(s, dtype=mx.float32), mx.array(sy), mx.array(q, dtype=mx.float32), 3, steps)
+    np.testing.assert_allclose(np.array(logits), _soft_kmeans_reference(s, sy, q, 3, steps), rtol=1e-4, atol=1e-4)
+
+
+def test_soft_kmeans_with_zero_steps_is_protonet_and_queries_permute_with_their_logits():
+    rng = np.random.default_rng(3)
+    s = mx.array(rng.standard_normal((6, 3)), dtype=mx.float32)
+    sy = mx.array([0, 0, 1, 1, 2, 2])
+    q = mx.array(rng.standard_normal((5, 3)), dtype=mx.float32)
+    np.testing.assert_array_equal(np.array(soft_kmeans_logits(s, sy, q, 3, 0)), np.array(protonet_logits(s, sy, q, 3)))
+    perm = mx.array([3, 0, 4, 1, 2])
+    np.testing.assert_allclose(np.array(soft_kmeans_logits(s, sy, q[perm], 3, 2)),
+                               np.array(soft_kmeans_logits(s, sy, q, 3, 2))[np.array(perm)], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="steps"):
+        soft_kmeans_logits(s, sy, q, 3, -1)
+
+
+def test_soft_kmeans_moves_prototypes_to_the_query_clusters():
+    # Query clusters at x = -2 and x = 1.3; the one-shot supports sit at x = 0 and x = 2.6, so the
+    # query at 1.2 is nearer support 0 and plain ProtoNet gets it wrong. Refinement pulls
+    # prototype 0 to the left cluster and prototype 1 to the right one, which fixes it.
+    s = mx.array([[0.0, 0.0], [2.6, 0.0]])
+    sy = mx.array([0, 1])
+    q = mx.array([[-2.1, 0.0], [-1.9, 0.0], [1.2, 0.0], [1.4, 0.0]])
+    plain = np.array(protonet_logits(s, sy, q, 2)).argmax(1)
+    refined = np.array(soft_kmeans_logits(s, sy, q, 2, 3)).argmax(1)
+    assert plain.tolist() == [0, 0, 0, 1]
+    assert refined.tolist() == [0, 0, 1, 1]
 
 
 def test_bad_inputs_name_the_argument():
