@@ -16,7 +16,9 @@ no fold needs a validation alphabet (the one named is trained on, and is listed 
 split needs one). That recipe's hyperparameters were chosen looking at Greek validation figures,
 so Greek's own figure (fold ``f1``) is optimistic by whatever that choice fits Greek.
 
-Per fold: 5-way 1-shot (1000 episodes) and 20-way 1-shot (600) with classes drawn from both test
+Per fold, ProtoNet plain and with its prototypes refined on each episode's queries (5 soft
+k-means steps, transductive, chosen on the default split's validation alphabet; both on the same
+episodes): 5-way 1-shot (1000 episodes) and 20-way 1-shot (600) with classes drawn from both test
 alphabets, and within-alphabet 20-way 1-shot (600) scored *per alphabet* (Tagalog, 17
 characters, has too few for it). Summary: the mean over folds (5-way, 20-way) or over the 7
 alphabets (within-alphabet), with two intervals: ``ci95_episodes`` (1.96 times the standard error
@@ -53,8 +55,12 @@ TRAIN_FLAGS = "--no-eval --no-progress --set task.train_on_val=true --set train.
 REPTILE_CONFIG = "configs/omniglot_reptile.yaml"
 REPTILE_TRAIN_FLAGS = ("--no-eval --no-progress --set task.augment_rotation=15.0 --set task.augment_shift=2.0 "
                        "--set task.augment_scale=0.1")
-PROTOCOL_FLAGS = {"5way": "", "20way": " --set eval.n_way=20 --set eval.n_tasks=600"}
-WITHIN_FLAGS = " --set eval.n_way=20 --set eval.n_tasks=600 --set eval.within_alphabet=true"
+#: ProtoNet is scored plain and with its prototypes refined on the queries (transductive; 5 soft
+#: k-means steps, chosen on the default split's validation alphabet), on the same episodes
+SOFT_KMEANS = " --set eval.soft_kmeans_steps=5"
+PROTONET_METHODS = ("protonet", "protonet_soft_kmeans")
+PROTOCOL_FLAGS = {"5way": SOFT_KMEANS, "20way": f" --set eval.n_way=20 --set eval.n_tasks=600{SOFT_KMEANS}"}
+WITHIN_FLAGS = f" --set eval.n_way=20 --set eval.n_tasks=600 --set eval.within_alphabet=true{SOFT_KMEANS}"
 
 #: two-sided 95% Student t quantiles by degrees of freedom
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365}
@@ -119,6 +125,11 @@ def _score(path: Path, algorithm: str = "protonet", steps: int = 0) -> dict:
             "train_minutes": train["train_seconds"] / 60 if train else None}
 
 
+def _scored(path: Path, method: str) -> bool:
+    """Whether ``path`` exists and holds ``method`` (a fold may be part-way through its commands)."""
+    return path.exists() and method in json.loads(path.read_text())["methods"]
+
+
 def _summary(scores: list[dict]) -> dict:
     n = len(scores)
     accs = [s["accuracy"] for s in scores]
@@ -141,15 +152,17 @@ def collect() -> dict | None:
     out = {"folds": {f: list(t) for f, t in FOLDS.items()},
            "protonet": {"recipe": f"{CONFIG} {TRAIN_FLAGS}", "protocols": {}},
            "reptile": {"recipe": f"{REPTILE_CONFIG} {REPTILE_TRAIN_FLAGS}", "budgets": {}}}
-    proto = out["protonet"]["protocols"]
-    for name in PROTOCOL_FLAGS:
-        per = {f: _score(RESULTS / f"{f}_{name}.json") for f in FOLDS if (RESULTS / f"{f}_{name}.json").exists()}
-        if per:
-            proto[name] = {"per_fold": per, "summary": _summary(list(per.values()))}
-    within = {a: _score(RESULTS / f"{f}_within_{slug(a)}.json") for f, test in FOLDS.items() for a in test
-              if (RESULTS / f"{f}_within_{slug(a)}.json").exists()}
-    if within:
-        proto["20way_within"] = {"per_alphabet": within, "summary": _summary(list(within.values()))}
+    for method in PROTONET_METHODS:
+        proto = out["protonet"]["protocols"].setdefault(method, {})
+        for name in PROTOCOL_FLAGS:
+            per = {f: _score(RESULTS / f"{f}_{name}.json", method) for f in FOLDS
+                   if _scored(RESULTS / f"{f}_{name}.json", method)}
+            if per:
+                proto[name] = {"per_fold": per, "summary": _summary(list(per.values()))}
+        within = {a: _score(RESULTS / f"{f}_within_{slug(a)}.json", method) for f, test in FOLDS.items()
+                  for a in test if _scored(RESULTS / f"{f}_within_{slug(a)}.json", method)}
+        if within:
+            proto["20way_within"] = {"per_alphabet": within, "summary": _summary(list(within.values()))}
     for steps in REPTILE_BUDGETS:
         per = {f: _score(RESULTS / f"reptile_{f}_5way.json", "reptile", steps) for f in FOLDS
                if (RESULTS / f"reptile_{f}_5way.json").exists()}
@@ -172,18 +185,24 @@ def _mean_cell(s: dict | None) -> str:
 
 
 def table(cv: dict) -> str:
-    """ProtoNet's three protocols and Reptile's 5-way 1-shot after 50 steps, per fold, then the mean."""
+    """ProtoNet's three protocols (plain / refined on the queries) and Reptile's 5-way 1-shot
+    after 50 steps, per fold, then the means."""
     lines = ["| held out | ProtoNet 5-way 1-shot | ProtoNet 20-way 1-shot | ProtoNet within-alphabet 20-way "
              "1-shot | Reptile 5-way 1-shot (50 st.) |", "| --- | --- | --- | --- | --- |"]
-    p, r = cv["protonet"]["protocols"], cv["reptile"]["budgets"].get("50", {})
+    plain, refined = (cv["protonet"]["protocols"][m] for m in PROTONET_METHODS)
+    r = cv["reptile"]["budgets"].get("50", {})
+
+    def both(protocol: str, part: str, key: str) -> str:
+        return " / ".join(_cell(p.get(protocol, {}).get(part, {}).get(key)) for p in (plain, refined))
+
     for f, test in FOLDS.items():
-        within = "; ".join(f"{a} {_cell(p.get('20way_within', {}).get('per_alphabet', {}).get(a))}"
-                           for a in test if a not in TOO_SMALL)
-        lines.append(f"| {f}: {', '.join(test)} | {_cell(p.get('5way', {}).get('per_fold', {}).get(f))} | "
-                     f"{_cell(p.get('20way', {}).get('per_fold', {}).get(f))} | {within} | "
-                     f"{_cell(r.get('per_fold', {}).get(f))} |")
-    means = [_mean_cell(p.get(name, {}).get("summary")) for name in ("5way", "20way", "20way_within")]
-    lines.append(f"| mean | {' | '.join(means)} | {_mean_cell(r.get('summary'))} |")
+        within = "; ".join(f"{a} {both('20way_within', 'per_alphabet', a)}" for a in test if a not in TOO_SMALL)
+        lines.append(f"| {f}: {', '.join(test)} | {both('5way', 'per_fold', f)} | {both('20way', 'per_fold', f)} | "
+                     f"{within} | {_cell(r.get('per_fold', {}).get(f))} |")
+    for label, p in zip(("mean, plain", "mean, refined"), (plain, refined)):
+        means = [_mean_cell(p.get(name, {}).get("summary")) for name in ("5way", "20way", "20way_within")]
+        reptile = _mean_cell(r.get("summary")) if p is plain else ""
+        lines.append(f"| {label} | {' | '.join(means)} | {reptile} |")
     return "\n".join(lines)
 
 

@@ -67,6 +67,14 @@ ROWS: dict[str, tuple[str, str]] = {
                     f"/work/runs/pn60_6500/run/best.safetensors --out /work/runs/pn60_6500/eval_{name} "
                     f"--no-baselines{flags}")
        for name, flags in PROTOCOLS},
+    **{f"protonet_60way_6500_skm5_{name}.json": (
+        "protonet_soft_kmeans", "taskset -c 1 env OPENBLAS_NUM_THREADS=1 metafn train --config "
+                                "configs/omniglot_protonet_60way.yaml --out /work/runs/pn60_6500/run --no-eval --no-progress "
+                                "--set train.steps=6500 --set train.eval_interval=650 --set train.save_interval=650; "
+                                "taskset -c 0 env OPENBLAS_NUM_THREADS=1 metafn eval --checkpoint "
+                                "/work/runs/pn60_6500/run/best.safetensors --out /work/runs/pn60_6500/eval_skm5_"
+                                f"{name} --no-baselines{flags} --set eval.soft_kmeans_steps=5")
+       for name, flags in PROTOCOLS},
     "maml_5way.json": ("maml", "metafn train --config configs/omniglot_maml.yaml --out runs/omniglot_maml --no-eval; "
                        "metafn eval --checkpoint runs/omniglot_maml/best.safetensors --no-baselines"),
     "maml_noaug_5way.json": ("maml", "metafn train --config configs/omniglot_maml.yaml --out runs/omniglot_maml_noaug "
@@ -117,6 +125,10 @@ LABELS: dict[str, str] = {"maml_noaug_5way.json": "maml, no augmentation",
                              for n in ("5way", "20way", "20way_within")},
                           **{f"protonet_60way_trainval_{n}.json":
                              "protonet, 60-way, train + val alphabets (final fit)"
+                             for n in ("5way", "20way", "20way_within")},
+                          **{f"protonet_60way_6500_skm5_{n}.json":
+                             "protonet, 60-way training, 6500 steps, prototypes refined on the queries "
+                             "(5 soft k-means steps, transductive)"
                              for n in ("5way", "20way", "20way_within")},
                           "mamlpp_trainval_5way.json": "mamlpp, train + val alphabets (final fit)",
                           "reptile_fullbatch_5way.json": "reptile, full-batch inner steps",
@@ -190,7 +202,7 @@ def collect() -> list[dict]:
             "protocol": {**_protocol(r["config"]), "test_episodes": n_tasks},
             "head": r.get("head"),
             "accuracy": _method_summary(methods[algorithm]),
-            "baselines": {k: _method_summary(v) for k, v in methods.items() if k != algorithm},
+            "baselines": {k: _method_summary(v) for k, v in methods.items() if k in ("random_init", "pooled")},
             "pooled_train": r.get("pooled_train"),
             "train_steps": train.get("step"),
             "train_minutes": train["train_seconds"] / 60 if train else None,
