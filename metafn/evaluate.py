@@ -122,9 +122,9 @@ def protonet_scores(
     ns = sx.shape[1]
     emb = embed_tasks(exp.embed, params, mx.concatenate([sx, qx], axis=1))
     n_way = exp.n_way
-    logits = mx.vmap(lambda s_emb, s_y, q_emb: soft_kmeans_logits(s_emb, s_y, q_emb, n_way, soft_kmeans_steps))(
-        emb[:, :ns], sy, emb[:, ns:]
-    )
+    logits = mx.vmap(
+        lambda s_emb, s_y, q_emb: soft_kmeans_logits(s_emb, s_y, q_emb, n_way, soft_kmeans_steps)
+    )(emb[:, :ns], sy, emb[:, ns:])
     loss = mx.vmap(cross_entropy)(logits, qy)
     acc = mx.vmap(accuracy)(logits, qy)
     return np.array(loss)[None], np.array(acc)[None]
