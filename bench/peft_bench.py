@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--inits: unknown initialization {i!r}; choose from random, meta")
     t_start = time.perf_counter()
     data, caches, (cfg, params, tok) = load_all((args.split,), args.cache, which=("train", "val"), log=log)
-    tr, va = caches["train"], caches["val"]
+    tr = caches["train"]
     result: dict = {
         "command": "python -m bench.peft_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
