@@ -99,6 +99,30 @@ ROWS: dict[str, tuple[str, str]] = {
                               "--set task.augment_scale=0.1; taskset -c 0 env OPENBLAS_NUM_THREADS=1 metafn eval "
                               "--checkpoint /work/runs/reptile_aug/run/best.safetensors --out "
                               "/work/runs/reptile_aug/eval_5way --no-baselines"),
+    "reptile_aug_trainval_5way.json": ("reptile", "taskset -c 0 env OPENBLAS_NUM_THREADS=1 metafn train --config "
+                                       "configs/omniglot_reptile.yaml --out /work/runs/reptile_trainval/run --no-eval "
+                                       "--set task.augment_rotation=15.0 --set task.augment_shift=2.0 "
+                                       "--set task.augment_scale=0.1 --set task.train_on_val=true "
+                                       "--set train.eval_interval=5500; taskset -c 0 env OPENBLAS_NUM_THREADS=1 "
+                                       "metafn eval --checkpoint /work/runs/reptile_trainval/run/last.safetensors "
+                                       "--out /work/runs/reptile_trainval/eval_5way --no-baselines --no-progress "
+                                       "--set algorithm.inner_lr=0.03 --set 'eval.finetune_lrs=[0.03]' (fine-tuning "
+                                       "rate fixed at 0.03, the train-only run's choice on validation)"),
+    "reptile_aug_200steps_5way.json": ("reptile", "taskset -c 0 env OPENBLAS_NUM_THREADS=1 metafn eval --checkpoint "
+                                       "/work/runs/reptile_aug/run/best.safetensors --out "
+                                       "/work/runs/reptile_budget/eval_5way_200 --no-baselines --no-progress "
+                                       "--set eval.steps=200 --set 'eval.budgets=[50,100,200]' "
+                                       "--set algorithm.inner_lr=0.03 --set 'eval.finetune_lrs=[0.03]' (the "
+                                       "augmented row's checkpoint; rate and budget chosen on validation by "
+                                       "scripts/omniglot_val_scores.py)"),
+    "reptile_aug_seed1_5way.json": ("reptile", "taskset -c 1 env OPENBLAS_NUM_THREADS=1 metafn train --config "
+                                    "configs/omniglot_reptile.yaml --out /work/runs/reptile_aug_s1/run --no-eval "
+                                    "--no-progress --set seed=1 --set task.augment_rotation=15.0 "
+                                    "--set task.augment_shift=2.0 --set task.augment_scale=0.1; taskset -c 1 env "
+                                    "OPENBLAS_NUM_THREADS=1 metafn eval --checkpoint "
+                                    "/work/runs/reptile_aug_s1/run/best.safetensors --out "
+                                    "/work/runs/reptile_aug_s1/eval_5way --no-baselines --no-progress --set seed=0 "
+                                    "(trained with seed 1, tested on seed 0's episodes)"),
     "reptile_fullbatch_5way.json": ("reptile", "metafn train --config configs/omniglot_reptile.yaml --out "
                                     "runs/omniglot_reptile_fullbatch --no-eval --set algorithm.inner_batches=1 "
                                     "--set task.n_query=1 --set train.steps=3000; metafn eval --checkpoint "
@@ -132,7 +156,12 @@ LABELS: dict[str, str] = {"maml_noaug_5way.json": "maml, no augmentation",
                              for n in ("5way", "20way", "20way_within")},
                           "mamlpp_trainval_5way.json": "mamlpp, train + val alphabets (final fit)",
                           "reptile_fullbatch_5way.json": "reptile, full-batch inner steps",
-                          "reptile_aug_5way.json": "reptile, augmented training images"}
+                          "reptile_aug_5way.json": "reptile, augmented training images",
+                          "reptile_aug_200steps_5way.json":
+                              "reptile, augmented, fine-tuned 200 steps",
+                          "reptile_aug_seed1_5way.json": "reptile, augmented, seed 1",
+                          "reptile_aug_trainval_5way.json":
+                              "reptile, augmented, train + val alphabets (final fit)"}
 
 
 #: algorithm -> the ``metafn bench`` command whose report is results/omniglot/bench_<algorithm>.json
